@@ -1,0 +1,3 @@
+from lowtune.cli import main
+
+main()

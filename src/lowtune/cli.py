@@ -1,0 +1,159 @@
+"""The `lowtune` command: parses arguments and calls the library; nothing else lives here."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+
+from lowtune.errors import USAGE_EXIT_CODE, UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Low-precision LoRA fine-tuning of chat models: one config, one command.",
+)
+convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints into standard Hugging Face folders.")
+app.add_typer(convert_app, name="convert")
+err_console = Console(stderr=True)
+
+AdapterOption = Annotated[Path, typer.Option("--adapter", help="A lowtune run folder (or a checkpoint in it).")]
+ModelOption = Annotated[str | None, typer.Option("--model", help="Base model folder, if it moved since training.")]
+SystemOption = Annotated[str | None, typer.Option("--system", help="System prompt (default: the trained one).")]
+MaxNewOption = Annotated[int, typer.Option("--max-new-tokens", help="Longest reply in tokens.")]
+TemperatureOption = Annotated[float, typer.Option("--temperature", help="0 for greedy decoding.")]
+TopPOption = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with temperature > 0).")]
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Argument(help="YAML config (see examples/).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Override model.path.")] = None,
+    data: Annotated[list[str] | None, typer.Option("--data", help="Override data.files (repeatable).")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Override train.max_steps.")] = None,
+    save_steps: Annotated[int | None, typer.Option("--save-steps", help="Override train.save_steps.")] = None,
+    output_dir: Annotated[str | None, typer.Option("--output-dir", help="Override output_dir.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any override: section.key=value.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in output_dir.")] = False,
+) -> None:
+    """Fine-tune a LoRA adapter as CONFIG says (defaults: the embedded model and data)."""
+    from lowtune.config import load_config
+    from lowtune.train.recipe import run
+
+    overrides = [f"model.path={model}"] if model else []
+    overrides += [f"data.files={_yaml_list(data)}"] if data else []
+    overrides += [f"train.max_steps={max_steps}"] if max_steps is not None else []
+    overrides += [f"train.save_steps={save_steps}"] if save_steps is not None else []
+    overrides += [f"output_dir={output_dir}"] if output_dir else []
+    run(load_config(config, overrides + (set_ or [])), overwrite=overwrite, console=err_console)
+
+
+@app.command()
+def chat(
+    adapter: AdapterOption,
+    model: ModelOption = None,
+    system: SystemOption = None,
+    max_new_tokens: MaxNewOption = 256,
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+) -> None:
+    """Chat with a trained adapter (history kept; /reset, /system TEXT, /exit)."""
+    from lowtune.infer.chat import chat_loop
+    from lowtune.infer.session import ChatModel, GenerationSettings
+
+    chat_model = ChatModel.from_adapter(adapter, model)
+    chat_loop(chat_model, GenerationSettings(max_new_tokens, temperature, top_p), system)
+
+
+@app.command()
+def generate(
+    adapter: AdapterOption,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="One prompt; the reply goes to stdout.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="JSONL of prompts; one JSON answer a line.")] = None,
+    model: ModelOption = None,
+    system: SystemOption = None,
+    max_new_tokens: MaxNewOption = 256,
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+) -> None:
+    """Answer one prompt (--prompt) or a file of prompts (--file)."""
+    from lowtune.infer.chat import Conversation, generate_all, read_prompts
+    from lowtune.infer.session import ChatModel, GenerationSettings
+
+    if (prompt is None) == (file is None):
+        raise UserError.one("give exactly one of --prompt TEXT or --file prompts.jsonl")
+    prompts = read_prompts(file) if file is not None else []
+    chat_model = ChatModel.from_adapter(adapter, model)
+    settings = GenerationSettings(max_new_tokens, temperature, top_p)
+    if prompt is not None:
+        for piece in chat_model.stream(Conversation(system).messages(prompt), settings):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    for line in generate_all(chat_model, prompts, settings, system):
+        print(line, flush=True)
+
+
+@convert_app.command("qwen1")
+def convert_qwen1(
+    src: Annotated[Path, typer.Argument(help="Qwen-1 folder (e.g. Qwen-7B-Chat).")],
+    dst: Annotated[Path, typer.Argument(help="New folder for the Qwen2-format model.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "bf16",
+) -> None:
+    """Write a Qwen-1 checkpoint as a standard Qwen2 folder that transformers and vLLM load."""
+    from lowtune.model.qwen1 import convert_qwen1 as convert
+
+    convert(src, dst, dtype=dtype)
+    err_console.print(f"[green]Converted {src} -> {dst}[/]")
+
+
+def _yaml_list(items: list[str]) -> str:
+    return "[" + ", ".join(repr(item) for item in items) + "]"
+
+
+def setup_logging() -> None:
+    level = os.environ.get("LOWTUNE_LOG_LEVEL", "INFO").upper()
+    handler = RichHandler(console=err_console, show_path=False, show_time=False, markup=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    logging.getLogger("lowtune").setLevel(level)
+    # bitsandbytes warns at import that a hub-hosted CPU inference kernel is missing; lowtune never downloads.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    import transformers
+
+    transformers.logging.set_verbosity_warning()
+    transformers.logging.disable_default_handler()
+    transformers.logging.enable_propagation()
+
+
+def main() -> None:
+    setup_logging()
+    try:
+        app(standalone_mode=False)
+    except UserError as error:
+        err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
+        sys.exit(USAGE_EXIT_CODE)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except Exception as error:  # click's usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(USAGE_EXIT_CODE)
+        raise
+
+
+if __name__ == "__main__":
+    main()

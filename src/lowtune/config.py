@@ -1,0 +1,243 @@
+"""The one config schema of lowtune: defaults, then a YAML file, then dotted overrides; validated once.
+
+Every field carries its documentation; `lowtune config` prints it (see the README's config reference).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lowtune.errors import Problem, UserError
+
+Precision = Literal["fp32", "fp16", "bf16"]
+BUILTIN_DATA_PREFIX = "builtin:"
+CONFIG_FILE_NAME = "lowtune.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(_Section):
+    path: str | None = Field(
+        None,
+        description="Local folder of a causal LM (Hugging Face layout, or a Qwen-1 checkpoint such as Qwen-7B-Chat). "
+        "Empty: the embedded SmolLM2-135M-Instruct, which needs no download.",
+    )
+    precision: Precision = Field(
+        "bf16",
+        description="dtype of the weights that are not quantized (embeddings, norms, head; all of them "
+        "with quantization: none).",
+    )
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="Load the linear layers through bitsandbytes: 8-bit (LLM.int8) or 4-bit (QLoRA)."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (4bit only).")
+    double_quant: bool = Field(True, description="Quantize the 4-bit scales too (QLoRA's double quantization).")
+    compute_dtype: Precision | None = Field(None, description="dtype of the 4-bit matmuls; empty: same as precision.")
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential", "cpu"] = Field(
+        "auto",
+        description="Where the layers go (accelerate's device maps); auto: one GPU if there is one, else CPU.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow transformers to run Python code shipped in the model folder. Off by default: "
+        "lowtune loads Qwen-1 natively and never needs it.",
+    )
+
+
+class LoraSettings(_Section):
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str = Field(
+        "all-linear",
+        description="Layers that get adapters: a list of module names (Qwen-1 names such as c_attn, w1 work too), "
+        "a regex matched against full module names, or all-linear.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _not_empty(cls, value: list[str] | str) -> list[str] | str:
+        if not value:
+            raise ValueError("must name at least one module (or say all-linear)")
+        return value
+
+
+class DataSettings(_Section):
+    files: list[str] = Field(
+        [f"{BUILTIN_DATA_PREFIX}huanhuan"],
+        description="Training files: alpaca JSON/JSONL (instruction, input, output[, system, history]) or chat "
+        "JSONL (messages). builtin:huanhuan is the bundled Chat-甄嬛 set.",
+    )
+    format: Literal["auto", "alpaca", "chat"] = Field("auto", description="Record format; auto detects it per file.")
+    template: Literal["auto", "qwen", "seed", "tokenizer"] = Field(
+        "auto",
+        description="Prompt format. tokenizer: the model's own Jinja chat template; qwen: Qwen's ChatML "
+        "(make_context); seed: the Qwen-7B-Chat tutorial's process_func, token for token; auto: tokenizer if the "
+        "model has a template, else qwen.",
+    )
+    system: str | None = Field(
+        None, description="System prompt for records that have none; empty: the template's own default."
+    )
+    max_length: int = Field(
+        1024,
+        gt=0,
+        description="Longest encoded record in tokens; longer ones are cut at "
+        "the end, and dropped if no trained token is left.",
+    )
+
+
+class TrainSettings(_Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(8, gt=0, description="Records per micro-batch (when tokens_per_batch is empty).")
+    tokens_per_batch: int | None = Field(
+        None,
+        gt=0,
+        description="Fill each micro-batch up to this many tokens instead of a fixed record count.",
+    )
+    gradient_accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapters.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute activations in the backward pass to save memory. auto: on for CUDA, off on "
+        "the CPU (where memory is rarely the limit for the models one trains there).",
+    )
+    logging_steps: int = Field(10, gt=0, description="Log loss and learning rate every N steps.")
+    save_steps: int = Field(100, ge=0, description="Write a checkpoint every N steps (0: only at the end).")
+    save_total_limit: int | None = Field(3, gt=0, description="Keep at most this many checkpoints.")
+    seed: int = Field(42, description="Seed for adapter initialisation, dropout and data order.")
+
+
+class RunConfig(_Section):
+    """A whole lowtune run: what to load, how to adapt it, on what data, how to train, where to write."""
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    output_dir: str = Field("runs/lowtune", description="Folder that receives checkpoints, adapter and reports.")
+
+    @model_validator(mode="after")
+    def _compute_dtype_only_for_4bit(self) -> RunConfig:
+        if self.model.compute_dtype is not None and self.model.quantization != "4bit":
+            raise ValueError("model.compute_dtype applies to 4bit quantization only")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Builds the run config: defaults < YAML file < `section.key=value` overrides; raises UserError."""
+    raw: dict[str, Any] = {}
+    key_lines: dict[tuple[str, ...], int] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        raw, key_lines = _read_yaml(Path(path))
+    for override in overrides or []:
+        _apply_override(raw, override)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise UserError([_problem_from(e, source, key_lines) for e in error.errors()]) from None
+
+
+def save_config(config: RunConfig, folder: str | Path) -> Path:
+    target = Path(folder) / CONFIG_FILE_NAME
+    target.write_text(config.to_yaml(), encoding="utf-8")
+    return target
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    if not path.is_file():
+        raise UserError.one(
+            "config file not found",
+            path,
+            fix="give the path of a YAML file, e.g. examples/huanhuan-qlora.yaml",
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise UserError.one("config file is not UTF-8 text", path) from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise UserError.one(f"not valid YAML: {getattr(error, 'problem', error)}", path, line) from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise UserError.one("the config must be a mapping of sections (model, lora, data, train, output_dir)", path)
+    return data, _key_lines(node)
+
+
+def _key_lines(node: yaml.Node, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """Line (1-based) of every key in a YAML mapping tree, so that errors can point at it."""
+    lines: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = prefix + (str(key_node.value),)
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, key))
+    return lines
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    dotted, sep, value_text = override.partition("=")
+    keys = dotted.strip().split(".")
+    if not sep or not all(keys):
+        raise UserError.one(
+            f"override {override!r} is not of the form section.key=value",
+            fix="e.g. --set train.learning_rate=1e-4",
+        )
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError:
+        value = value_text
+    target = raw
+    for key in keys[:-1]:
+        child = target.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise UserError.one(f"override {override!r}: {key} is not a section")
+        target = child
+    target[keys[-1]] = value
+
+
+def _problem_from(error: dict[str, Any], source: str, key_lines: dict[tuple[str, ...], int]) -> Problem:
+    location = tuple(str(part) for part in error["loc"] if not isinstance(part, int))
+    # pydantic reports union members as extra path parts ("list[str]", "literal['auto']"): cut them off.
+    location = tuple(part for part in location if "[" not in part)
+    line = None
+    for depth in range(len(location), 0, -1):
+        line = key_lines.get(location[:depth])
+        if line is not None:
+            break
+    key = ".".join(location) or "config"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = f"unknown key {key!r}"
+        return Problem(message, source, line, fix=_known_keys_hint(location))
+    return Problem(f"{key}: {message}", source, line)
+
+
+def _known_keys_hint(location: tuple[str, ...]) -> str:
+    model: type[BaseModel] = RunConfig
+    for part in location[:-1]:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return "known keys here: " + ", ".join(model.model_fields)

@@ -1,0 +1,48 @@
+"""User-facing errors: a user's mistake becomes one message and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+USAGE_EXIT_CODE = 2
+
+
+@dataclass
+class Problem:
+    """One thing wrong with the user's input, located as precisely as we can."""
+
+    message: str
+    file: str | Path | None = None
+    line: int | None = None
+    fix: str | None = None
+
+    def __str__(self) -> str:
+        where = ""
+        if self.file is not None:
+            where = f"{self.file}:{self.line}: " if self.line is not None else f"{self.file}: "
+        text = f"{where}{self.message}"
+        return f"{text}\n  fix: {self.fix}" if self.fix else text
+
+
+@dataclass
+class UserError(Exception):
+    """Raised for bad input (config, data, paths, options); the CLI prints it and exits with code 2.
+
+    Carries every problem found, so that the user can fix them all at once.
+    """
+
+    problems: list[Problem] = field(default_factory=list)
+
+    @classmethod
+    def one(
+        cls, message: str, file: str | Path | None = None, line: int | None = None, fix: str | None = None
+    ) -> UserError:
+        return cls([Problem(message, file, line, fix)])
+
+    def __str__(self) -> str:
+        if len(self.problems) == 1:
+            return str(self.problems[0])
+        lines = [f"{len(self.problems)} problems:"]
+        lines += [f"- {problem}".replace("\n", "\n  ") for problem in self.problems]
+        return "\n".join(lines)

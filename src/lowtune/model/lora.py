@@ -1,0 +1,70 @@
+"""Attach peft LoRA adapters to a loaded model, with targets checked against the model's real layers."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import PreTrainedModel
+
+from lowtune.config import LoraSettings
+from lowtune.errors import UserError
+from lowtune.model import qwen1
+
+log = logging.getLogger(__name__)
+
+
+def attach_lora(model: PreTrainedModel, settings: LoraSettings, gradient_checkpointing: bool) -> PeftModel:
+    """Wraps `model` with trainable LoRA adapters; the base stays frozen (and quantized, if it was)."""
+    targets = settings.target_modules
+    if qwen1.is_converted_qwen1(model.config):
+        targets, mapping = qwen1.map_qwen1_target_modules(targets)
+        if mapping:
+            log.info(
+                "Qwen-1 target names mapped onto Qwen2 modules: %s",
+                ", ".join(f"{old} -> {'/'.join(new)}" for old, new in mapping.items()),
+            )
+    _check_targets(model, targets)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Checkpointed blocks need an input that requires grad, or no gradient reaches the adapters.
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:  # peft's message when a regex or name matches no layer
+        if "target" not in str(error).lower():
+            raise
+        raise UserError.one(
+            f"lora.target_modules {targets!r} matches no layer of this model",
+            fix="linear layers here: " + ", ".join(linear_module_names(model)),
+        ) from None
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Distinct leaf names of the linear layers (what `target_modules` lists may name)."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_linear(module)}
+    return sorted(names)
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ in {"Linear8bitLt", "Linear4bit"}
+
+
+def _check_targets(model: PreTrainedModel, targets: list[str] | str) -> None:
+    if isinstance(targets, str):
+        return  # all-linear or a regex: peft reports a regex that matches nothing
+    available = linear_module_names(model)
+    unknown = [name for name in targets if name not in available]
+    if unknown:
+        raise UserError.one(
+            f"lora.target_modules: no linear layer named {', '.join(unknown)} in this model",
+            fix="linear layers here: " + ", ".join(available) + " (or all-linear)",
+        )

@@ -1,0 +1,122 @@
+"""Causal-LM loss straight from hidden states: the vocabulary-sized logits never exist whole.
+
+transformers computes logits for every position (151,936 x tokens for Qwen, plus an fp32 copy) before the loss;
+here only positions that carry a label are projected, chunk by chunk, and the gradient of each chunk is computed
+at once, so memory holds one chunk of logits at a time. On CUDA, liger-kernel's fused linear cross-entropy does
+the same in Triton; elsewhere `ChunkedLinearCrossEntropy` below does it in plain torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from lowtune.data.templates import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+CHUNK_BYTES = 256 * 2**20  # fp32 logits held at once
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of cross_entropy(hidden @ weight.T, targets), the weight frozen.
+
+    Gradient, per chunk with p = softmax(logits): d loss / d hidden = (p - onehot(targets)) @ weight. It is
+    computed in the forward pass, so the chunk's logits can be freed at once; backward only scales it.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows_per_chunk = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+        accumulate = torch.promote_types(weight.dtype, torch.float32)  # bf16/fp16 logits are upcast, as HF does
+        total = torch.zeros((), dtype=accumulate, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        for start in range(0, hidden.shape[0], rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            logits = (hidden[rows].to(weight.dtype) @ weight.T).to(accumulate)  # (chunk, vocab)
+            log_z = torch.logsumexp(logits, dim=-1)
+            target_logits = logits.gather(1, targets[rows, None]).squeeze(1)
+            total += (log_z - target_logits).sum()
+            if grad_hidden is not None:
+                probs = logits.sub_(log_z[:, None]).exp_()  # in place: the chunk's logits are not needed again
+                probs[torch.arange(probs.shape[0], device=probs.device), targets[rows]] -= 1.0
+                grad_hidden[rows] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against `targets` (rows of hidden: (N, H))."""
+    if hidden.is_cuda and _liger_available():
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return liger_fused_linear_cross_entropy(hidden.to(weight.dtype), weight, targets, reduction="sum")
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets)
+
+
+def causal_lm_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """Next-token loss: position t predicts labels[t + 1]; the sum is divided by the number of targets of the
+    whole optimizer step when given (so gradient accumulation weighs every token alike), else of this batch."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    total = linear_cross_entropy_sum(hidden[:, :-1][keep], weight, targets[keep])  # (N, H) rows only
+    count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+    return total / torch.as_tensor(count, device=total.device, dtype=total.dtype)
+
+
+def install_hidden_state_loss(model: PreTrainedModel) -> str:
+    """Makes `model.forward(..., labels=...)` return the loss computed from hidden states (and no logits).
+
+    Without labels (generation) the model's own forward runs. The instance's forward is replaced, not the class's,
+    so other models in the process are untouched. Returns the name of the loss kernel, for the log.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.weight.requires_grad or head.bias is not None:
+        log.info("loss: transformers' own (the output layer is trained or not a plain linear layer)")
+        return "transformers"
+    original_forward = model.forward
+
+    def forward(
+        self: PreTrainedModel,
+        input_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if labels is None:
+            return original_forward(input_ids=input_ids, **kwargs)
+        kwargs.pop("logits_to_keep", None)
+        hidden = self.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state  # (B, T, H)
+        loss = causal_lm_loss(hidden, labels, self.get_output_embeddings().weight, num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss)
+
+    model.forward = types.MethodType(forward, model)
+    kernel = (
+        "liger fused linear cross-entropy"
+        if torch.cuda.is_available() and _liger_available()
+        else "chunked linear cross-entropy"
+    )
+    log.info("loss: %s from hidden states (only labelled positions are projected onto the vocabulary)", kernel)
+    return kernel
+
+
+def _liger_available() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,158 @@
+"""The LoRA fine-tuning recipe: setup (check everything, then load), train, save.
+
+Everything that can be checked without the model weights (config, data files, every record, the tokenizer,
+the encoded lengths, the output folder) is checked before the weights are read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+
+from lowtune.config import RunConfig, save_config
+from lowtune.data.encode import EncodedData, encode_examples
+from lowtune.data.read import Example, read_examples
+from lowtune.data.templates import ChatFormat, build_chat_format, input_separator
+from lowtune.errors import UserError
+from lowtune.model.load import check_quantization_possible, load_tokenizer, load_weights, resolve_model_path
+from lowtune.model.lora import attach_lora
+from lowtune.model.summary import summary_table
+from lowtune.train.trainer import build_trainer, resolve_checkpointing
+
+log = logging.getLogger(__name__)
+SUMMARY_FILE_NAME = "run_summary.json"
+
+
+@dataclass
+class Setup:
+    """What a run needs before its weights load: the records, their encoding, the chat format."""
+
+    examples: list[Example]
+    tokenizer: PreTrainedTokenizerBase
+    chat_format: ChatFormat
+    data: EncodedData
+
+
+def prepare(config: RunConfig, overwrite: bool = False) -> Setup:
+    """Checks the output folder, reads and validates every record, and encodes them; loads no weights."""
+    check_output_dir(Path(config.output_dir), overwrite)
+    examples = read_examples(config.data.files, config.data.format, input_separator(config.data.template))
+    resolve_model_path(config.model.path)
+    check_quantization_possible(config.model)
+    tokenizer = load_tokenizer(config.model)
+    chat_format = build_chat_format(config.data.template, tokenizer, config.data.system)
+    log.info("chat format: %s (end of turn %s)", chat_format.name, chat_format.end_of_turn)
+    data = encode_examples(examples, chat_format, config.data.max_length)
+    log.info(
+        "%d records read, %d trained on (%d cut by max_length, %d dropped), %d trained tokens",
+        len(examples),
+        len(data.rows),
+        data.truncated,
+        len(data.dropped),
+        data.trained_tokens,
+    )
+    return Setup(examples, tokenizer, chat_format, data)
+
+
+def run(config: RunConfig, overwrite: bool = False, console: Console | None = None) -> Path:
+    """Trains a LoRA adapter as the config says and returns the output folder."""
+    console = console or Console(stderr=True)
+    setup = prepare(config, overwrite)
+    checkpointing = resolve_checkpointing(config.train.gradient_checkpointing)
+    model = load_weights(config.model)
+    align_special_tokens(model, setup.tokenizer)
+    model = attach_lora(model, config.lora, checkpointing)
+    console.print(summary_table(model, title="Model with LoRA adapters"))
+    trainer = build_trainer(config, model, setup.tokenizer, setup.data.rows)
+    trainer.add_callback(RunFilesCallback(config, setup.chat_format))
+    started = time.time()
+    result = trainer.train()
+    output = Path(config.output_dir)
+    save_run(trainer, config, setup, output)
+    write_summary(output, config, setup, trainer, result.metrics, time.time() - started)
+    console.print(f"[green]Adapter saved to {output}[/]. Chat with it: lowtune chat --adapter {output}")
+    return output
+
+
+def align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The tokenizer is the reference for pad and eos (the saved generation config then matches chat)."""
+    for config in (model.config, model.generation_config):
+        config.pad_token_id = tokenizer.pad_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+
+
+def check_output_dir(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError.one("output_dir exists and is not a folder", output)
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise UserError.one(
+            "output_dir already holds a run",
+            output,
+            fix="choose another --output-dir, or pass --overwrite to replace it",
+        )
+
+
+def save_run(trainer: Trainer, config: RunConfig, setup: Setup, output: Path) -> None:
+    """The adapter, tokenizer, chat format and resolved config: everything chat and merge need."""
+    trainer.save_model(str(output))  # adapter and tokenizer
+    trainer.save_state()
+    save_run_files(config, setup.chat_format, output)
+
+
+def save_run_files(config: RunConfig, chat_format: ChatFormat, folder: Path) -> None:
+    save_config(config, folder)
+    chat_format.save(folder)
+
+
+class RunFilesCallback(TrainerCallback):
+    """Makes every checkpoint self-contained: chat, merge and resume need its config and chat format."""
+
+    def __init__(self, config: RunConfig, chat_format: ChatFormat):
+        self.config, self.chat_format = config, chat_format
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            save_run_files(self.config, self.chat_format, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+def write_summary(
+    output: Path, config: RunConfig, setup: Setup, trainer: Trainer, metrics: dict[str, Any], seconds: float
+) -> None:
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    summary = {
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_loss": metrics.get("train_loss"),
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "seconds": round(seconds, 1),
+        "records": {
+            "read": len(setup.examples),
+            "trained": len(setup.data.rows),
+            "truncated": setup.data.truncated,
+            "dropped": len(setup.data.dropped),
+        },
+        "trained_tokens_per_epoch": setup.data.trained_tokens,
+        "peak_memory_gib": round(_peak_memory_gib(), 3),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "versions": {name: metadata.version(name) for name in ("lowtune", "torch", "transformers", "peft")},
+        "config": config.model_dump(mode="json"),
+    }
+    (output / SUMMARY_FILE_NAME).write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def _peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux

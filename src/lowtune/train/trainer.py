@@ -1,0 +1,125 @@
+"""transformers.Trainer set up from a lowtune config: arguments, collator, callbacks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from transformers import (
+    DataCollatorForSeq2Seq,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from lowtune.config import RunConfig
+from lowtune.data.batching import LengthBucketBatchSampler
+from lowtune.data.templates import IGNORE_INDEX
+from lowtune.train.loss import install_hidden_state_loss
+from lowtune.train.progress import RichProgressCallback
+
+log = logging.getLogger(__name__)
+
+
+def resolve_checkpointing(setting: bool | str) -> bool:
+    if setting != "auto":
+        return bool(setting)
+    on = torch.cuda.is_available()
+    log.info(
+        "gradient checkpointing auto: %s (%s)",
+        "on" if on else "off",
+        "CUDA: memory is the limit" if on else "CPU: memory is rarely the limit, recomputation costs time",
+    )
+    return on
+
+
+def mixed_precision(config: RunConfig) -> dict[str, bool]:
+    """Autocast flags for Trainer; the adapters themselves stay fp32 (peft keeps them so)."""
+    precision = config.model.precision
+    if precision == "fp16" and not torch.cuda.is_available():
+        log.info("fp16 on the CPU: no autocast (CPU autocast is bf16); fp16 weights, fp32 adapters")
+        return {}
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def training_arguments(config: RunConfig) -> TrainingArguments:
+    train = config.train
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.scheduler,
+        warmup_steps=train.warmup_ratio,  # transformers reads a value below 1 as a share of the steps
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if train.save_steps else "no",
+        save_steps=train.save_steps or 500,
+        save_total_limit=train.save_total_limit,
+        seed=train.seed,
+        data_seed=train.seed,
+        report_to="none",  # TensorBoard is attached below, writing into the run folder
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+        **mixed_precision(config),
+    )
+
+
+class LowtuneTrainer(Trainer):
+    """Trainer with lowtune's batches: similar lengths, shuffled by (seed, epoch), optionally by token budget."""
+
+    def __init__(self, *args: Any, batch_sampler: LengthBucketBatchSampler, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.batch_sampler = batch_sampler
+
+    def get_train_dataloader(self) -> DataLoader:
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=self.batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
+
+def build_trainer(
+    config: RunConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict[str, list[int]]],
+) -> Trainer:
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    train = config.train
+    sampler = LengthBucketBatchSampler(
+        [len(row["input_ids"]) for row in rows], train.batch_size, train.tokens_per_batch, seed=train.seed
+    )
+    install_hidden_state_loss(model.get_base_model())
+    trainer = LowtuneTrainer(
+        model=model,
+        args=training_arguments(config),
+        train_dataset=rows,
+        data_collator=collator,
+        processing_class=tokenizer,
+        batch_sampler=sampler,
+    )
+    for callback in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(callback)
+    trainer.add_callback(RichProgressCallback())
+    trainer.add_callback(TensorBoardCallback(SummaryWriter(str(Path(config.output_dir) / "tensorboard"))))
+    budget = f"up to {train.tokens_per_batch} tokens" if train.tokens_per_batch else f"{train.batch_size} records"
+    log.info("batches: %s of similar length (less padding), %d per epoch", budget, len(sampler))
+    return trainer

@@ -1,0 +1,69 @@
+"""Shared fixtures: the real Qwen tokenizer and tiny random models saved as local folders (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from lowtune.model.qwen_tokenizer import build_qwen_tokenizer
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    return build_qwen_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory, qwen_tokenizer) -> Path:
+    """A Qwen2 model (hidden 64, 2 layers, Qwen's 151,936-word vocabulary) with the real Qwen tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=151936, **TINY)).save_pretrained(folder)
+    qwen_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, qwen_tokenizer) -> Path:
+    """A Llama model whose tokenizer has no chat template of its own (lowtune must fall back to ChatML)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=151936, **TINY)).save_pretrained(folder)
+    qwen_tokenizer.save_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    return folder
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen_tiktoken():
+    """The reference: tiktoken itself on the same qwen.tiktoken, with Qwen's regex and special tokens."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    from lowtune.model.qwen_tokenizer import QWEN_PATTERN, QWEN_SPECIAL_TOKENS, bundled_tiktoken_file
+
+    ranks = load_tiktoken_bpe(str(bundled_tiktoken_file()))
+    specials = {token: len(ranks) + index for index, token in enumerate(QWEN_SPECIAL_TOKENS)}
+    return tiktoken.Encoding("qwen", pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
