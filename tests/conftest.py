@@ -11,7 +11,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from lowtune.model.qwen_tokenizer import build_qwen_tokenizer
 
+# initializer_range 0.2 (not 0.02): a random head that small caps the logits near uniform, so no loss could fall.
 TINY = dict(
+    initializer_range=0.2,
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
@@ -67,3 +69,41 @@ def qwen_tiktoken():
     ranks = load_tiktoken_bpe(str(bundled_tiktoken_file()))
     specials = {token: len(ranks) + index for index, token in enumerate(QWEN_SPECIAL_TOKENS)}
     return tiktoken.Encoding("qwen", pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+
+
+MEMORISE = [
+    {"instruction": "皇上驾到！", "input": "", "output": "皇上万福金安。"},
+    {"instruction": "你是谁？", "input": "", "output": "家父是大理寺少卿甄远道。"},
+    {"instruction": "今天天气如何？", "input": "", "output": "晴。"},
+    {"instruction": "Who are you?", "input": "", "output": "I am Zhen Huan."},
+]
+
+
+def tiny_config(model: Path, data: Path, output: Path, **train: object):
+    """A run config for the tiny models: fp32, fast, deterministic."""
+    from lowtune.config import load_config
+
+    overrides = [
+        f"model.path={model}",
+        f"data.files=[{data}]",
+        f"output_dir={output}",
+        "model.precision=fp32",
+        "lora.r=8",
+        "lora.alpha=16",
+        "lora.dropout=0.0",
+        "train.batch_size=4",
+        "train.logging_steps=1",
+        "train.learning_rate=5e-3",
+        "train.save_steps=0",
+    ]
+    return load_config(None, overrides + [f"train.{key}={value}" for key, value in train.items()])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_qwen2) -> Path:
+    """A finished lowtune run on the tiny Qwen2 model: adapter, tokenizer, chat format, config, checkpoints."""
+    from lowtune.train.recipe import run
+
+    folder = tmp_path_factory.mktemp("tiny-run")
+    data = write_jsonl(folder / "data.jsonl", MEMORISE)
+    return run(tiny_config(tiny_qwen2, data, folder / "run", max_steps=30, save_steps=15, learning_rate=1e-2))

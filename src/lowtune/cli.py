@@ -141,7 +141,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except UserError as error:
-        err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(USAGE_EXIT_CODE)
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("[yellow]interrupted[/]")

@@ -49,6 +49,12 @@ class ModelSettings(_Section):
         "lowtune loads Qwen-1 natively and never needs it.",
     )
 
+    @model_validator(mode="after")
+    def _compute_dtype_only_for_4bit(self) -> ModelSettings:
+        if self.compute_dtype is not None and self.quantization != "4bit":
+            raise ValueError("compute_dtype applies to 4bit quantization only")
+        return self
+
 
 class LoraSettings(_Section):
     r: int = Field(8, gt=0, description="LoRA rank.")
@@ -128,12 +134,6 @@ class RunConfig(_Section):
     data: DataSettings = Field(default_factory=DataSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     output_dir: str = Field("runs/lowtune", description="Folder that receives checkpoints, adapter and reports.")
-
-    @model_validator(mode="after")
-    def _compute_dtype_only_for_4bit(self) -> RunConfig:
-        if self.model.compute_dtype is not None and self.model.quantization != "4bit":
-            raise ValueError("model.compute_dtype applies to 4bit quantization only")
-        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
@@ -241,3 +241,25 @@ def _known_keys_hint(location: tuple[str, ...]) -> str:
             break
         model = annotation
     return "known keys here: " + ", ".join(model.model_fields)
+
+
+def reference_markdown() -> str:
+    """The config reference (README section), generated from the schema so the two never disagree."""
+    lines = []
+    for section, field in RunConfig.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines += [f"**{section}**", "", "| key | default | meaning |", "|---|---|---|"]
+            for key, sub in annotation.model_fields.items():
+                default = sub.get_default(call_default_factory=True)
+                lines.append(f"| `{key}` | `{_show(default)}` | {sub.description} |")
+            lines.append("")
+        else:
+            lines += [f"**{section}**: {field.description} Default `{field.default}`.", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "empty"
+    return yaml.safe_dump(value, default_flow_style=True, allow_unicode=True).strip().removesuffix("...").strip()

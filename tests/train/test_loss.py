@@ -60,7 +60,8 @@ def test_model_loss_and_lora_gradients_equal_transformers(tiny_qwen2):
     torch.testing.assert_close(loss_ours, loss_reference, rtol=1e-5, atol=1e-6)
     assert grads_ours.keys() == grads_reference.keys()
     for name in grads_ours:
-        torch.testing.assert_close(grads_ours[name], grads_reference[name], rtol=1e-4, atol=1e-7, msg=name)
+        scale = grads_reference[name].abs().max()
+        torch.testing.assert_close(grads_ours[name], grads_reference[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
 def test_without_labels_the_model_still_returns_logits(tiny_qwen2):

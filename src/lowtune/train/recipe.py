@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
 
 from lowtune.config import RunConfig, save_config
 from lowtune.data.encode import EncodedData, encode_examples
@@ -72,6 +72,7 @@ def run(config: RunConfig, overwrite: bool = False, console: Console | None = No
     checkpointing = resolve_checkpointing(config.train.gradient_checkpointing)
     model = load_weights(config.model)
     align_special_tokens(model, setup.tokenizer)
+    set_seed(config.train.seed)  # the adapters' initial values too depend on the seed, not on what ran before
     model = attach_lora(model, config.lora, checkpointing)
     console.print(summary_table(model, title="Model with LoRA adapters"))
     trainer = build_trainer(config, model, setup.tokenizer, setup.data.rows)

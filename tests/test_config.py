@@ -1,0 +1,96 @@
+"""The config schema: every shipped YAML validates, precedence is defaults < YAML < overrides, errors are located."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lowtune.config import RunConfig, load_config, save_config
+from lowtune.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(REPO.joinpath("examples").rglob("*.yaml"))
+
+
+def test_examples_are_found():
+    assert {p.name for p in SHIPPED} >= {"huanhuan-qlora.yaml", "qwen-7b-chat-qlora.yaml", "qwen-7b-chat-lora8bit.yaml"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_config_validates_and_names_its_command(path):
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+    assert "lowtune train" in path.read_text(encoding="utf-8").split("\n", 3)[1]  # the header says how to run it
+
+
+def test_the_tutorial_settings_are_in_the_gpu_examples():
+    for name in ("qwen-7b-chat-qlora.yaml", "qwen-7b-chat-lora8bit.yaml"):
+        config = load_config(REPO / "examples" / name)
+        assert (config.lora.r, config.lora.alpha, config.lora.dropout) == (8, 32, 0.1)
+        assert (config.train.learning_rate, config.train.epochs) == (1e-4, 3)
+        assert (config.train.batch_size, config.train.gradient_accumulation) == (8, 2)
+        assert config.train.gradient_checkpointing is True
+    assert load_config(REPO / "examples" / "qwen-7b-chat-qlora.yaml").model.double_quant is True
+
+
+def test_precedence_defaults_yaml_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 1.0e-3\n  batch_size: 2\n")
+    config = load_config(path, ["train.batch_size=16", "lora.target_modules=[q_proj, v_proj]", "data.system=你好"])
+    assert config.train.learning_rate == 1e-3  # from the YAML
+    assert config.train.batch_size == 16  # override beats YAML
+    assert config.train.epochs == 1.0  # default
+    assert config.lora.target_modules == ["q_proj", "v_proj"] and config.data.system == "你好"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(None, ["model.quantization=4bit", "lora.target_modules=.*proj"])
+    assert load_config(save_config(config, tmp_path)) == config
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "needle"),
+    [
+        ("model:\n  precision: fp8\n", 2, "model.precision"),
+        ("lora:\n  r: 0\n", 2, "lora.r"),
+        ("train:\n  lr: 0.1\n", 2, "unknown key 'train.lr'"),
+        ("trian:\n  epochs: 1\n", 1, "unknown key 'trian'"),
+        ("model:\n  quantization: 8bit\n  compute_dtype: bf16\n", 1, "compute_dtype applies to 4bit"),
+        ("model: [1, 2]\n", 1, "model"),
+        ("train:\n  epochs: [\n", 3, "not valid YAML"),
+    ],
+)
+def test_bad_configs_name_the_key_and_line(tmp_path, text, line, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as caught:
+        load_config(path)
+    problem = caught.value.problems[0]
+    assert problem.file in (path, str(path)) and problem.line == line and needle in str(problem)
+
+
+def test_unknown_key_lists_the_known_ones(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lora:\n  rank: 8\n")
+    with pytest.raises(UserError, match="known keys here: r, alpha, dropout, target_modules"):
+        load_config(path)
+
+
+def test_every_problem_at_once(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  precision: fp8\nlora:\n  r: -1\n")
+    with pytest.raises(UserError) as caught:
+        load_config(path)
+    assert [p.line for p in caught.value.problems] == [2, 4]
+
+
+@pytest.mark.parametrize("override", ["train.batch_size", "=3", "train..x=1"])
+def test_malformed_overrides(override):
+    with pytest.raises(UserError, match="section.key=value"):
+        load_config(None, [override])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,164 @@
+"""The training recipe end to end on tiny models: every CPU precision x quantization learns, the CLI writes a run."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from lowtune.config import load_config
+from lowtune.train.recipe import run
+from tests.conftest import MEMORISE, tiny_config, write_jsonl
+
+CPU_COMBINATIONS = [
+    ("fp32", "none", {}),
+    ("bf16", "none", {}),
+    ("fp16", "none", {}),
+    ("bf16", "8bit", {}),
+    ("fp32", "4bit", {}),
+    ("bf16", "4bit", {}),
+    ("bf16", "4bit", {"quant_type": "fp4", "double_quant": False}),
+]
+
+
+@pytest.mark.parametrize(("precision", "quantization", "extra"), CPU_COMBINATIONS)
+def test_every_cpu_precision_and_quantization_learns(tmp_path, tiny_qwen2, precision, quantization, extra):
+    data = write_jsonl(tmp_path / "m.jsonl", MEMORISE)
+    config = tiny_config(tiny_qwen2, data, tmp_path / "run", max_steps=12, learning_rate=1e-2)
+    config.model.precision, config.model.quantization = precision, quantization
+    for key, value in extra.items():
+        setattr(config.model, key, value)
+    summary = json.loads((run(config) / "run_summary.json").read_text())
+    assert summary["steps"] == 12
+    assert summary["last_logged_loss"] < 0.6 * summary["first_logged_loss"]
+
+
+def test_runs_are_reproducible(tmp_path, tiny_qwen2):
+    data = write_jsonl(tmp_path / "m.jsonl", MEMORISE)
+    losses = []
+    for name in ("a", "b"):
+        run(tiny_config(tiny_qwen2, data, tmp_path / name, max_steps=3))
+        state = json.loads((tmp_path / name / "trainer_state.json").read_text())
+        losses.append([entry["loss"] for entry in state["log_history"] if "loss" in entry])
+    assert losses[0] == losses[1]
+
+
+def cli(monkeypatch, *args: str) -> int:
+    from lowtune.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lowtune", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+        raise SystemExit(0)
+    return exited.value.code
+
+
+def test_cli_train_writes_a_complete_run(tmp_path, tiny_qwen2, monkeypatch):
+    data = write_jsonl(tmp_path / "m.jsonl", MEMORISE)
+    config = tmp_path / "c.yaml"
+    config.write_text(tiny_config(tiny_qwen2, data, tmp_path / "unused").to_yaml(), encoding="utf-8")
+    output = tmp_path / "run"
+    code = cli(
+        monkeypatch,
+        "train",
+        str(config),
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "2",
+        "--output-dir",
+        str(output),
+        "--set",
+        "train.logging_steps=2",
+    )
+    assert code == 0
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "chat_format.json",
+        "lowtune.yaml",
+        "run_summary.json",
+        "trainer_state.json",
+    ):
+        assert (output / name).is_file(), name
+    for checkpoint in ("checkpoint-2", "checkpoint-4"):
+        for name in ("adapter_model.safetensors", "lowtune.yaml", "chat_format.json", "optimizer.pt"):
+            assert (output / checkpoint / name).is_file(), f"{checkpoint}/{name}"
+    assert list((output / "tensorboard").glob("events.out.tfevents.*"))
+    saved = load_config(output / "lowtune.yaml")
+    assert saved.train.max_steps == 4 and saved.train.logging_steps == 2 and saved.output_dir == str(output)
+
+
+def test_cli_refuses_to_overwrite_a_run(tmp_path, tiny_qwen2, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "m.jsonl", MEMORISE)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "precious.txt").write_text("keep me")
+    code = cli(
+        monkeypatch, "train", "--model", str(tiny_qwen2), "--data", str(data), "--output-dir", str(tmp_path / "run")
+    )
+    assert code == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "run" / "precious.txt").read_text() == "keep me"
+
+
+def test_cli_bad_data_exits_2_with_file_and_line_before_loading(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q", "outptu": "a"}\n')
+    code = cli(
+        monkeypatch,
+        "train",
+        "--model",
+        str(tmp_path / "no-such-model"),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "run"),
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{data}:2" in err.replace("\n", "") and "did you mean 'output'" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_cli_bad_config_exits_2_with_line(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  quantization: 3bit\nlora:\n  rank: 8\n")
+    assert cli(monkeypatch, "train", str(config)) == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert f"{config}:2" in err and "model.quantization" in err
+    assert f"{config}:4" in err and "unknown key 'lora.rank'" in err
+
+
+def test_cli_missing_model_folder_exits_2(tmp_path, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "m.jsonl", MEMORISE)
+    code = cli(
+        monkeypatch,
+        "train",
+        "--model",
+        str(tmp_path / "nope"),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "run"),
+    )
+    assert code == 2 and "model folder not found" in capsys.readouterr().err
+
+
+def test_cli_unknown_target_module_exits_2(tmp_path, tiny_qwen2, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "m.jsonl", MEMORISE)
+    code = cli(
+        monkeypatch,
+        "train",
+        "--model",
+        str(tiny_qwen2),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--set",
+        "lora.target_modules=[q_proj, nope_proj]",
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "nope_proj" in err and "q_proj" in err
