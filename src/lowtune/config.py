@@ -96,6 +96,13 @@ class DataSettings(_Section):
         description="Longest encoded record in tokens; longer ones are cut at "
         "the end, and dropped if no trained token is left.",
     )
+    val_size: float = Field(
+        0.0,
+        ge=0,
+        description="Records held out for evaluation: a share (below 1) or a count (1 and up), drawn with "
+        "train.seed. Ignored when eval_files are given.",
+    )
+    eval_files: list[str] = Field([], description="Evaluation files (same formats as files) instead of val_size.")
 
 
 class TrainSettings(_Section):
@@ -121,6 +128,12 @@ class TrainSettings(_Section):
         "the CPU (where memory is rarely the limit for the models one trains there).",
     )
     logging_steps: int = Field(10, gt=0, description="Log loss and learning rate every N steps.")
+    eval_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Evaluate on the held-out records every N steps (empty: at logging_steps x 5, and at "
+        "the end; only with data.val_size or data.eval_files).",
+    )
     save_steps: int = Field(100, ge=0, description="Write a checkpoint every N steps (0: only at the end).")
     save_total_limit: int | None = Field(3, gt=0, description="Keep at most this many checkpoints.")
     seed: int = Field(42, description="Seed for adapter initialisation, dropout and data order.")

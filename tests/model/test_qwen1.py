@@ -86,7 +86,7 @@ STORAGES = ("safetensors", "safetensors-sharded", "bin-sharded")
 # --- a tiny Qwen-1 checkpoint, written as Qwen's own code saves it
 
 
-def qwen1_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+def qwen1_weights(seed: int = 0, vocab: int = VOCAB) -> dict[str, torch.Tensor]:
     """Random Qwen-1 tensors, scaled so that every part (norm weights, biases) moves the logits."""
     generator = torch.Generator().manual_seed(seed)
 
@@ -94,9 +94,9 @@ def qwen1_weights(seed: int = 0) -> dict[str, torch.Tensor]:
         return torch.randn(*shape, generator=generator) * std + mean
 
     weights = {
-        "transformer.wte.weight": normal(VOCAB, HIDDEN, std=1.0),
+        "transformer.wte.weight": normal(vocab, HIDDEN, std=1.0),
         "transformer.ln_f.weight": normal(HIDDEN, std=0.1, mean=1.0),
-        "lm_head.weight": normal(VOCAB, HIDDEN),
+        "lm_head.weight": normal(vocab, HIDDEN),
     }
     for layer in range(LAYERS):
         prefix = f"transformer.h.{layer}."
@@ -561,3 +561,35 @@ def test_convert_refuses_a_non_empty_destination(tmp_path, checkpoint):
     with pytest.raises(UserError, match="not empty"):
         qwen1.convert_qwen1(checkpoint, tmp_path)
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_lora_with_the_tutorials_qwen1_names_trains(tmp_path, quantization, caplog):
+    """The tutorial's target_modules (c_attn, c_proj, w1, w2) on an unconverted Qwen-1 folder, quantized, on the CPU."""
+    from tests.conftest import MEMORISE, tiny_config, write_jsonl
+
+    from lowtune.train.recipe import run
+
+    vocab = 151936  # the real tokenizer's ids must fit
+    config = dict(LATER_RELEASE, vocab_size=vocab, seq_length=1024, max_position_embeddings=1024)
+    folder = write_checkpoint(tmp_path / "qwen1", config, qwen1_weights(vocab=vocab), "safetensors")
+    data = write_jsonl(tmp_path / "m.jsonl", MEMORISE)
+    run_config = tiny_config(folder, data, tmp_path / "run", max_steps=8, learning_rate=1e-2)
+    run_config.model.quantization = quantization
+    run_config.lora.target_modules = ["c_attn", "c_proj", "w1", "w2"]
+    run_config.data.template = "seed"
+    with caplog.at_level(logging.INFO, logger="lowtune"):
+        output = run(run_config)
+    assert "c_attn -> q_proj/k_proj/v_proj" in caplog.text
+    adapter = json.loads((output / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "down_proj",
+        "up_proj",
+        "gate_proj",
+    }
+    summary = json.loads((output / "run_summary.json").read_text())
+    assert summary["last_logged_loss"] < 0.8 * summary["first_logged_loss"]

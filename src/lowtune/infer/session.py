@@ -16,6 +16,7 @@ from lowtune.config import CONFIG_FILE_NAME, ModelSettings, load_config
 from lowtune.data.read import Message
 from lowtune.data.templates import ChatFormat, load_chat_format
 from lowtune.errors import UserError
+from lowtune.model import qwen1
 from lowtune.model.load import load_weights, read_tokenizer
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class ChatModel:
         """Yields the reply's text as it is generated; stops at the chat format's end of turn."""
         settings = settings or GenerationSettings()
         prompt = torch.tensor([self.chat_format.encode_prompt(messages)], device=self.model.device)
+        qwen1.warn_if_beyond_seq_length(self.model.config, prompt.shape[1] + settings.max_new_tokens, log)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(
             input_ids=prompt,

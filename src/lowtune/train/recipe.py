@@ -25,6 +25,7 @@ from lowtune.data.encode import EncodedData, encode_examples
 from lowtune.data.read import Example, read_examples
 from lowtune.data.templates import ChatFormat, build_chat_format, input_separator
 from lowtune.errors import UserError
+from lowtune.model import qwen1
 from lowtune.model.load import check_quantization_possible, load_tokenizer, load_weights, resolve_model_path
 from lowtune.model.lora import attach_lora
 from lowtune.model.summary import summary_table
@@ -71,6 +72,7 @@ def run(config: RunConfig, overwrite: bool = False, console: Console | None = No
     setup = prepare(config, overwrite)
     checkpointing = resolve_checkpointing(config.train.gradient_checkpointing)
     model = load_weights(config.model)
+    qwen1.warn_if_beyond_seq_length(model.config, max(setup.data.lengths), log)
     align_special_tokens(model, setup.tokenizer)
     set_seed(config.train.seed)  # the adapters' initial values too depend on the seed, not on what ran before
     model = attach_lora(model, config.lora, checkpointing)
