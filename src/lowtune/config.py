@@ -115,6 +115,16 @@ class TrainSettings(_Section):
         description="Fill each micro-batch up to this many tokens instead of a fixed record count.",
     )
     gradient_accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    packing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Concatenate each micro-batch into one row with no padding, positions restarting per record and "
+        "no attention across records. auto: on for CUDA, off on the CPU (padded batches).",
+    )
+    attention: Literal["auto", "lowtune_varlen", "flex_attention", "sdpa", "eager"] = Field(
+        "auto",
+        description="Attention kernel for packed rows. auto: torch's varlen flash attention on CUDA "
+        "(lowtune_varlen), else SDPA with a block-diagonal mask.",
+    )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule after warmup."

@@ -566,9 +566,8 @@ def test_convert_refuses_a_non_empty_destination(tmp_path, checkpoint):
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
 def test_lora_with_the_tutorials_qwen1_names_trains(tmp_path, quantization, caplog):
     """The tutorial's target_modules (c_attn, c_proj, w1, w2) on an unconverted Qwen-1 folder, quantized, on the CPU."""
-    from tests.conftest import MEMORISE, tiny_config, write_jsonl
-
     from lowtune.train.recipe import run
+    from tests.conftest import MEMORISE, tiny_config, write_jsonl
 
     vocab = 151936  # the real tokenizer's ids must fit
     config = dict(LATER_RELEASE, vocab_size=vocab, seq_length=1024, max_position_embeddings=1024)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -10,16 +11,19 @@ from threading import Thread
 
 import torch
 from peft import PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList, TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from lowtune.config import CONFIG_FILE_NAME, ModelSettings, load_config
 from lowtune.data.read import Message
-from lowtune.data.templates import ChatFormat, load_chat_format
+from lowtune.data.templates import FORMAT_FILE_NAME, ChatFormat, build_chat_format, load_chat_format
 from lowtune.errors import UserError
 from lowtune.model import qwen1
-from lowtune.model.load import load_weights, read_tokenizer
+from lowtune.model.load import load_tokenizer, load_weights, read_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
+# config.json's dtype names, as ModelSettings.precision spells them.
+SAVED_PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 @dataclass
@@ -55,6 +59,27 @@ class ChatModel:
         model = PeftModel.from_pretrained(load_weights(settings), folder)
         return cls(model, tokenizer, chat_format)
 
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, **overrides: object) -> ChatModel:
+        """Loads a plain model folder (one that `lowtune merge` wrote, or any Hugging Face folder), no adapter.
+
+        The chat format is the folder's `chat_format.json` when it has one (merged folders do), else the one
+        training would pick (`auto`: the model's own chat template, or Qwen's ChatML).
+
+        Args:
+            model_dir: the model folder (Hugging Face layout, or a Qwen-1 checkpoint).
+            **overrides: fields of ModelSettings to change; precision defaults to the dtype the folder was saved in.
+        """
+        folder = resolve_model_path(model_dir)
+        settings = ModelSettings(path=str(folder), precision=saved_precision(folder)).model_copy(update=overrides)
+        tokenizer = load_tokenizer(settings)
+        if (folder / FORMAT_FILE_NAME).is_file():
+            chat_format = load_chat_format(folder, tokenizer)
+        else:
+            chat_format = build_chat_format("auto", tokenizer)
+        log.info("chat format: %s (end of turn %s)", chat_format.name, chat_format.end_of_turn)
+        return cls(load_weights(settings), tokenizer, chat_format)
+
     @property
     def default_system(self) -> str | None:
         return self.chat_format.system
@@ -87,6 +112,37 @@ class ChatModel:
         return "".join(self.stream(messages, settings))
 
     @torch.inference_mode()
+    def generate_ids(
+        self,
+        prompt_ids: list[int],
+        settings: GenerationSettings,
+        streamer: BaseStreamer | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+    ) -> list[int]:
+        """Generates in the calling thread and returns the new token ids.
+
+        They end with one of `chat_format.stop_token_ids` when the turn ended, and are cut short when
+        `stopping_criteria` says so (a caller that stops listening).
+        """
+        prompt = torch.tensor([prompt_ids], device=self.model.device)
+        qwen1.warn_if_beyond_seq_length(self.model.config, prompt.shape[1] + settings.max_new_tokens, log)
+        if settings.temperature > 0:
+            sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+        else:
+            sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        output = self.model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            streamer=streamer,
+            stopping_criteria=stopping_criteria,
+            max_new_tokens=settings.max_new_tokens,
+            eos_token_id=self.chat_format.stop_token_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **sampling,
+        )
+        return output[0, prompt.shape[1] :].tolist()
+
+    @torch.inference_mode()
     def _generate(self, **kwargs: object) -> None:
         self.model.generate(**kwargs)
 
@@ -103,3 +159,9 @@ def base_model_settings(adapter_dir: Path) -> ModelSettings:
             fix="give the output_dir of a lowtune train run, or one of its checkpoint-N folders",
         )
     return load_config(config_file).model
+
+
+def saved_precision(model_dir: Path) -> str:
+    """The precision a model folder was saved in (config.json's dtype); bf16 when it is none of fp32, fp16, bf16."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return SAVED_PRECISIONS.get(config.get("dtype") or config.get("torch_dtype"), "bf16")

@@ -100,6 +100,9 @@ def install_hidden_state_loss(model: PreTrainedModel) -> str:
         if labels is None:
             return original_forward(input_ids=input_ids, **kwargs)
         kwargs.pop("logits_to_keep", None)
+        # No cache: a loss never needs one, and with a cache transformers stops reading record boundaries from
+        # packed position ids (records would attend to each other under SDPA or flex attention).
+        kwargs["use_cache"] = False
         hidden = self.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state  # (B, T, H)
         loss = causal_lm_loss(hidden, labels, self.get_output_embeddings().weight, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss)

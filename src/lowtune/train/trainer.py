@@ -10,7 +10,6 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from transformers import (
-    DataCollatorForSeq2Seq,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
@@ -21,7 +20,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from lowtune.config import RunConfig
 from lowtune.data.batching import LengthBucketBatchSampler
-from lowtune.data.templates import IGNORE_INDEX
+from lowtune.data.pack import PackedCollator, PaddedCollator
+from lowtune.model.attention import use_packed_attention
 from lowtune.train.loss import install_hidden_state_loss
 from lowtune.train.progress import RichProgressCallback
 
@@ -96,17 +96,28 @@ class LowtuneTrainer(Trainer):
         return self.accelerator.prepare(loader)
 
 
+def resolve_packing(setting: bool | str) -> bool:
+    if setting != "auto":
+        return bool(setting)
+    on = torch.cuda.is_available()
+    reason = "one row per micro-batch, no padding" if on else "CPU: padded batches of similar lengths"
+    log.info("packing auto: %s (%s)", "on" if on else "off", reason)
+    return on
+
+
 def build_trainer(
     config: RunConfig,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     rows: list[dict[str, list[int]]],
 ) -> Trainer:
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     train = config.train
-    sampler = LengthBucketBatchSampler(
-        [len(row["input_ids"]) for row in rows], train.batch_size, train.tokens_per_batch, seed=train.seed
-    )
+    packed = resolve_packing(train.packing)
+    if packed:
+        use_packed_attention(model.get_base_model(), train.attention)
+    collator = PackedCollator() if packed else PaddedCollator(tokenizer.pad_token_id)
+    lengths = [len(row["input_ids"]) for row in rows]
+    sampler = LengthBucketBatchSampler(lengths, train.batch_size, train.tokens_per_batch, packed, train.seed)
     install_hidden_state_loss(model.get_base_model())
     trainer = LowtuneTrainer(
         model=model,

@@ -1,0 +1,57 @@
+"""Collators: padded batches (B, T) or packed rows (1, total) with positions restarting at every record.
+
+A packed row carries `cu_seq_lens_*` / `max_length_*` (the keyword names transformers passes to variable-length
+attention kernels) and `position_ids`; transformers' own SDPA and flex masks read the sample boundaries from the
+position ids, so no token attends across two records whichever kernel runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lowtune.data.templates import IGNORE_INDEX
+
+Row = dict[str, list[int]]
+
+
+class PaddedCollator:
+    """Pads to the longest row of the batch: input_ids with the pad id, labels with -100, attention_mask 0."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+        longest = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, row in enumerate(rows):
+            length = len(row["input_ids"])
+            input_ids[i, :length] = torch.tensor(row["input_ids"])
+            labels[i, :length] = torch.tensor(row["labels"])
+            attention_mask[i, :length] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class PackedCollator:
+    """Concatenates the batch into one row of real tokens only (no padding)."""
+
+    def __call__(self, rows: Sequence[Row]) -> dict[str, torch.Tensor | int]:
+        lengths = [len(row["input_ids"]) for row in rows]
+        labels = []
+        for row in rows:
+            # A record's first token has no prediction inside the record: never let it be the target of the
+            # previous record's last position.
+            labels += [IGNORE_INDEX] + row["labels"][1:]
+        cu_seq_lens = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return {
+            "input_ids": torch.tensor([[t for row in rows for t in row["input_ids"]]]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max(lengths),
+            "max_length_k": max(lengths),
+        }

@@ -1,0 +1,286 @@
+"""`lowtune eval`: did fine-tuning change how the model answers? Loss, replies and their scores on held-out records.
+
+For each held-out conversation: the eval loss of its trained tokens (from hidden states: no vocabulary-sized logits
+are kept), a greedy reply to its last user turn in the run's chat format, BLEU-4 and ROUGE-L of that reply against
+the recorded one, and whether the reply ended with the format's stop token (a model that never learned to stop runs
+to the token limit). With `base`, the same for the base model (the adapter switched off) beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+from transformers import PreTrainedModel
+
+from lowtune.config import CONFIG_FILE_NAME, RunConfig, load_config
+from lowtune.data.encode import encode_examples
+from lowtune.data.read import Example, Message, read_examples
+from lowtune.data.split import split_examples
+from lowtune.data.templates import IGNORE_INDEX, ChatFormat, input_separator
+from lowtune.errors import UserError
+from lowtune.eval.metrics import SCORING, reply_scores, score_replies, stop_rate, stopped
+from lowtune.infer.session import ChatModel, base_model_settings
+from lowtune.train.loss import install_hidden_state_loss
+
+log = logging.getLogger(__name__)
+RESULTS_FILE_NAME = "eval_results.json"
+SAMPLES_FILE_NAME = "eval_samples.jsonl"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A greedy reply: its new token ids (the stop token included, when it came), text, and whether it stopped."""
+
+    ids: list[int]
+    text: str
+    stopped: bool
+
+
+def evaluate_run(
+    adapter_dir: str | Path,
+    data: str | Path | None = None,
+    limit: int | None = None,
+    base: bool = False,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Evaluates a run on its held-out records; writes eval_results.json and eval_samples.jsonl into the run folder.
+
+    Args:
+        adapter_dir: a lowtune run folder or one of its checkpoints.
+        data: a file of records to evaluate on instead of the run's own held-out records.
+        limit: evaluate the first N records only.
+        base: also evaluate the base model (the adapter disabled), for comparison.
+        max_new_tokens: the longest reply; one that reaches it has not stopped.
+        batch_size: records per forward pass and per generation batch.
+
+    Returns:
+        The results written to eval_results.json.
+    """
+    folder = Path(adapter_dir)
+    base_model_settings(folder)  # fails with a clear message if the folder is not a run
+    config = load_config(folder / CONFIG_FILE_NAME)
+    examples, described = held_out_examples(config, data)
+    examples = examples[:limit] if limit else examples
+    log.info("evaluating on %d records: %s", len(examples), described)
+    chat_model = ChatModel.from_adapter(folder)
+    install_hidden_state_loss(chat_model.model.get_base_model())
+    evaluate = partial(_evaluate_model, chat_model, examples, config.data.max_length, max_new_tokens, batch_size)
+    models = {"adapter": evaluate()}
+    if base:
+        with chat_model.model.disable_adapter():
+            models["base"] = evaluate()
+    results = {
+        "adapter": str(folder),
+        "data": described,
+        "records": len(examples),
+        "chat_format": chat_model.chat_format.name,
+        "end_of_turn": chat_model.chat_format.end_of_turn,
+        "max_new_tokens": max_new_tokens,
+        "scoring": SCORING,
+        "models": {name: metrics for name, (metrics, _) in models.items()},
+    }
+    _write_results(folder, results, examples, {name: replies for name, (_, replies) in models.items()})
+    return results
+
+
+def held_out_examples(config: RunConfig, data: str | Path | None = None) -> tuple[list[Example], str]:
+    """The records to evaluate on and where they come from: `data` when given, else the run's eval_files, else the
+    records its val_size held out (the same split training made: same files, val_size and seed)."""
+    separator = input_separator(config.data.template)
+    if data is not None:
+        return read_examples([str(data)], config.data.format, separator), str(data)
+    if config.data.eval_files:
+        described = "data.eval_files: " + ", ".join(config.data.eval_files)
+        return read_examples(config.data.eval_files, config.data.format, separator), described
+    if config.data.val_size > 0:
+        examples = read_examples(config.data.files, config.data.format, separator)
+        described = f"held out of data.files (val_size {config.data.val_size:g}, seed {config.train.seed})"
+        return split_examples(examples, config.data.val_size, config.train.seed)[1], described
+    raise UserError.one(
+        "this run has no held-out records: it was trained without data.val_size or data.eval_files",
+        fix="give records to evaluate on with --data FILE",
+    )
+
+
+def prompt_and_reference(example: Example) -> tuple[list[Message], str]:
+    """The conversation up to its last user turn (system and history included) and the last assistant reply."""
+    return list(example.messages[:-1]), example.messages[-1].content
+
+
+def eval_loss(
+    model: PreTrainedModel, examples: Sequence[Example], chat_format: ChatFormat, max_length: int, batch_size: int = 8
+) -> dict[str, float]:
+    """Mean loss over every trained token of the examples (token-weighted, as training counts it) and perplexity.
+
+    The model must have `install_hidden_state_loss` on its base, so that a forward with labels returns the summed
+    loss without keeping logits.
+    """
+    rows = sorted(encode_examples(examples, chat_format, max_length).rows, key=lambda row: len(row["input_ids"]))
+    pad_id = chat_format.tokenizer.pad_token_id
+    total, tokens = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = _right_padded(rows[start : start + batch_size], pad_id, model.device)
+        with torch.inference_mode():
+            total += model(**batch, num_items_in_batch=1).loss.item()  # summed over the batch's targets
+        tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # position t predicts label t + 1
+    loss = total / tokens
+    return {"eval_loss": loss, "perplexity": math.exp(loss), "eval_tokens": tokens}
+
+
+def generate(
+    model: PreTrainedModel,
+    chat_format: ChatFormat,
+    conversations: Sequence[Sequence[Message]],
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+) -> list[Generation]:
+    """Greedy replies, in batches of similar prompt length, stopping at the format's stop tokens.
+
+    Unlike `ChatModel.reply` this keeps the generated ids, which tell whether the model stopped on its own.
+    """
+    prompts = [chat_format.encode_prompt(messages) for messages in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    stop_ids = chat_format.stop_token_ids
+    replies: dict[int, Generation] = {}
+    was_training = model.training
+    model.eval()  # no dropout: greedy replies are reproducible
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        new_ids = _generate_batch(model, chat_format, [prompts[i] for i in chunk], max_new_tokens)
+        for index, ids in zip(chunk, new_ids, strict=True):
+            text = chat_format.tokenizer.decode(ids, skip_special_tokens=True)
+            replies[index] = Generation(ids, text, stopped(ids, stop_ids))
+    model.train(was_training)
+    return [replies[i] for i in range(len(prompts))]
+
+
+def sample_generations(
+    model: PreTrainedModel,
+    chat_format: ChatFormat,
+    examples: Sequence[Example],
+    count: int = 3,
+    max_new_tokens: int = 128,
+) -> list[dict[str, Any]]:
+    """A few replies beside their references, for the run report: {prompt, reference, response, stopped}."""
+    chosen = list(examples[:count])
+    pairs = [prompt_and_reference(example) for example in chosen]
+    replies = generate(model, chat_format, [messages for messages, _ in pairs], max_new_tokens)
+    return [
+        {"prompt": messages[-1].content, "reference": reference, "response": reply.text, "stopped": reply.stopped}
+        for (messages, reference), reply in zip(pairs, replies, strict=True)
+    ]
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    """The metrics of each evaluated model side by side, for the terminal."""
+    models = results["models"]
+    table = Table(title=f"Evaluation on {results['records']} records ({results['data']})", caption=results["scoring"])
+    columns = {name: _formatted(metrics) for name, metrics in models.items()}
+    table.add_column("metric")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for label in next(iter(columns.values())):
+        table.add_row(label, *(column[label] for column in columns.values()))
+    return table
+
+
+def _evaluate_model(
+    chat_model: ChatModel, examples: list[Example], max_length: int, max_new_tokens: int, batch_size: int
+) -> tuple[dict[str, Any], list[Generation]]:
+    chat_format = chat_model.chat_format
+    metrics = eval_loss(chat_model.model, examples, chat_format, max_length, batch_size)
+    pairs = [prompt_and_reference(example) for example in examples]
+    replies = generate(chat_model.model, chat_format, [messages for messages, _ in pairs], max_new_tokens, batch_size)
+    ids = [reply.ids for reply in replies]
+    metrics |= {
+        "stop_rate": stop_rate(ids, chat_format.stop_token_ids),
+        "mean_new_tokens": sum(map(len, ids)) / len(ids),
+    }
+    metrics |= score_replies([reply.text for reply in replies], [reference for _, reference in pairs])
+    return metrics, replies
+
+
+def _right_padded(rows: list[dict[str, list[int]]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    width = max(len(row["input_ids"]) for row in rows)
+
+    def pad(key: str, value: int) -> torch.Tensor:
+        return torch.tensor([row[key] + [value] * (width - len(row[key])) for row in rows], device=device)
+
+    return {
+        "input_ids": pad("input_ids", pad_id),
+        "attention_mask": pad("attention_mask", 0),
+        "labels": pad("labels", IGNORE_INDEX),
+    }
+
+
+@torch.inference_mode()
+def _generate_batch(
+    model: PreTrainedModel, chat_format: ChatFormat, prompts: list[list[int]], max_new_tokens: int
+) -> list[list[int]]:
+    """Left-padded greedy generation; each row's new ids are cut after its first stop token (padding follows it)."""
+    pad_id = chat_format.tokenizer.pad_token_id
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    stop_ids = chat_format.stop_token_ids
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
+    )
+    new_rows = output[:, width:].tolist()
+    return [_until_stop(row, stop_ids) for row in new_rows]
+
+
+def _until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
+    for position, token in enumerate(ids):
+        if token in stop_ids:
+            return ids[: position + 1]
+    return ids
+
+
+def _formatted(metrics: dict[str, Any]) -> dict[str, str]:
+    rows = {
+        "eval loss": f"{metrics['eval_loss']:.4f}",
+        "perplexity": f"{metrics['perplexity']:.2f}",
+        "stop rate": f"{metrics['stop_rate']:.0%}",
+        "reply tokens (mean)": f"{metrics['mean_new_tokens']:.1f}",
+    }
+    for language, level in (("zh", "characters"), ("en", "words")):
+        if language in metrics:
+            scores = metrics[language]
+            rows[f"BLEU-4 {language} ({level}, {scores['records']} records)"] = f"{scores['bleu4']:.2f}"
+            rows[f"ROUGE-L {language} ({level})"] = f"{scores['rouge_l']:.2f}"
+    return rows
+
+
+def _write_results(
+    folder: Path, results: dict[str, Any], examples: Sequence[Example], replies: dict[str, list[Generation]]
+) -> None:
+    (folder / RESULTS_FILE_NAME).write_text(json.dumps(results, ensure_ascii=False, indent=2), encoding="utf-8")
+    lines = []
+    for index, example in enumerate(examples):
+        messages, reference = prompt_and_reference(example)
+        line: dict[str, Any] = {"source": example.source, "prompt": messages[-1].content, "reference": reference}
+        for name, generations in replies.items():
+            reply = generations[index]
+            line[name] = {"response": reply.text, "stopped": reply.stopped, "new_tokens": len(reply.ids)}
+            line[name] |= reply_scores(reply.text, reference)
+        lines.append(json.dumps(line, ensure_ascii=False))
+    (folder / SAMPLES_FILE_NAME).write_text("\n".join(lines) + "\n", encoding="utf-8")

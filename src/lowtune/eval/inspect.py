@@ -1,0 +1,218 @@
+"""`lowtune data inspect`: what training will see, before any weight is loaded.
+
+Records read per file, those held out, those cut by max_length and those dropped because the cut left nothing to
+train on, exact duplicates, token-length statistics with a histogram, and a few records rendered with their trained
+spans marked (the label audit: exactly what the loss sees, end-of-turn token included).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import groupby
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from lowtune.config import RunConfig
+from lowtune.data.read import Example, read_examples
+from lowtune.data.split import held_out_count
+from lowtune.data.templates import IGNORE_INDEX, ChatFormat, build_chat_format, input_separator
+from lowtune.eval.plots import plot_length_histogram
+from lowtune.model.load import load_tokenizer
+
+REPORT_FILE_NAME = "data_report.json"
+HISTOGRAM_FILE_NAME = "length_histogram.png"
+TEXT_FILE_NAME = "data_inspect.txt"
+TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
+
+
+@dataclass
+class LabelledSample:
+    """One record as the model sees it: consecutive pieces of text, each trained or not."""
+
+    source: str
+    pieces: list[tuple[str, bool]]
+    cut_tokens: int  # tokens beyond max_length
+
+    def plain(self) -> str:
+        text = "".join(f"{TRAINED_OPEN}{t}{TRAINED_CLOSE}" if trained else t for t, trained in self.pieces)
+        return text + self._cut_note()
+
+    def markup(self) -> str:
+        text = "".join(f"[bold green]{escape(t)}[/]" if trained else escape(t) for t, trained in self.pieces)
+        return text + escape(self._cut_note())
+
+    def _cut_note(self) -> str:
+        return f" ✂ [{self.cut_tokens} tokens cut by max_length]" if self.cut_tokens else ""
+
+
+@dataclass
+class DataReport:
+    """Statistics of a data set encoded with a chat format; lengths are counted before truncation."""
+
+    files: dict[str, int]
+    max_length: int
+    lengths: list[int]
+    trained_tokens: int
+    truncated: list[str]  # sources of records longer than max_length
+    dropped: list[str]  # sources of records the cut left with no trained token (not trained on)
+    duplicates: list[tuple[str, str]]  # (source, source of its first copy)
+    samples: list[LabelledSample] = field(default_factory=list)
+    held_out: int = 0
+
+    @property
+    def records(self) -> int:
+        return sum(self.files.values())
+
+    def length_stats(self) -> dict[str, float]:
+        lengths = np.asarray(self.lengths)
+        return {
+            "min": int(lengths.min()),
+            "median": float(np.median(lengths)),
+            "p95": float(np.percentile(lengths, 95)),
+            "max": int(lengths.max()),
+            "mean": round(float(lengths.mean()), 1),
+        }
+
+    def summary(self) -> list[tuple[str, str]]:
+        """(what, value) lines shared by the terminal table, the text file and the run report."""
+        stats = ", ".join(f"{key} {value:g}" for key, value in self.length_stats().items())
+        lines = [("records read", f"{self.records}")]
+        lines += [(f"  {name}", f"{count}") for name, count in self.files.items()]
+        lines += [
+            ("held out for evaluation", f"{self.held_out}"),
+            (f"cut by max_length={self.max_length}", f"{len(self.truncated)}" + _first(self.truncated)),
+            ("dropped: the cut left no trained token", f"{len(self.dropped)}" + _first(self.dropped)),
+            ("exact duplicates", f"{len(self.duplicates)}" + _first([f"{a} = {b}" for a, b in self.duplicates])),
+            ("tokens per record", stats),
+            ("trained tokens (after the cut)", f"{self.trained_tokens}"),
+        ]
+        return lines
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"records": self.records, "length_stats": self.length_stats()}
+
+
+def inspect_data(config: RunConfig, sample_count: int = 3) -> DataReport:
+    """Reads and validates the run's data files, encodes them with its chat format; loads only the tokenizer.
+
+    Validation errors stop here with a UserError, as they would stop training.
+    """
+    separator = input_separator(config.data.template)
+    examples = read_examples(config.data.files, config.data.format, separator)
+    tokenizer = load_tokenizer(config.model)
+    chat_format = build_chat_format(config.data.template, tokenizer, config.data.system)
+    report = analyse_examples(examples, chat_format, config.data.max_length, sample_count)
+    if config.data.eval_files:
+        report.held_out = len(read_examples(config.data.eval_files, config.data.format, separator))
+    elif config.data.val_size > 0:
+        report.held_out = held_out_count(len(examples), config.data.val_size)
+    return report
+
+
+def analyse_examples(
+    examples: Sequence[Example], chat_format: ChatFormat, max_length: int, sample_count: int = 3
+) -> DataReport:
+    """The statistics of `inspect_data` for examples already read (training calls this for its report)."""
+    report = DataReport(
+        files=dict(Counter(example.source.rsplit(":", 1)[0] for example in examples)),
+        max_length=max_length,
+        lengths=[],
+        trained_tokens=0,
+        truncated=[],
+        dropped=[],
+        duplicates=_duplicates(examples),
+    )
+    encoded = [chat_format.encode(example.messages) for example in examples]
+    for example, (input_ids, labels) in zip(examples, encoded, strict=True):
+        report.lengths.append(len(input_ids))
+        if len(input_ids) > max_length:
+            report.truncated.append(example.source)
+        # The same rule as encode_examples: cut at max_length, drop what has no trained token left.
+        trained = sum(label != IGNORE_INDEX for label in labels[:max_length])
+        if trained == 0:
+            report.dropped.append(example.source)
+        report.trained_tokens += trained
+    chosen = _sample_indices(examples, report.truncated, sample_count)
+    report.samples = [_labelled(examples[i].source, *encoded[i], chat_format, max_length) for i in chosen]
+    return report
+
+
+def text_histogram(lengths: Sequence[int], max_length: int, bins: int = 12, width: int = 40) -> str:
+    """A histogram in text, one line a bin; bins reaching past max_length are marked ✂."""
+    counts, edges = np.histogram(lengths, bins=bins)
+    peak = max(counts.max(), 1)
+    lines = []
+    for count, low, high in zip(counts, edges[:-1], edges[1:], strict=True):
+        bar = "█" * round(width * count / peak)
+        mark = " ✂" if high > max_length else ""
+        lines.append(f"{low:>7.0f} - {high:<7.0f} {bar:<{width}} {count}{mark}")
+    return "\n".join(lines)
+
+
+def save_inspection(report: DataReport, folder: str | Path) -> list[Path]:
+    """Writes data_report.json, length_histogram.png and data_inspect.txt (summary, histogram, samples)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path = folder / REPORT_FILE_NAME
+    json_path.write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
+    png_path = plot_length_histogram(report.lengths, report.max_length, folder / HISTOGRAM_FILE_NAME)
+    text = [f"{what}: {value}" for what, value in report.summary()]
+    text += ["", "tokens per record:", text_histogram(report.lengths, report.max_length), ""]
+    text += [f"trained spans are in {TRAINED_OPEN}{TRAINED_CLOSE}", ""]
+    text += [f"--- {sample.source}\n{sample.plain()}\n" for sample in report.samples]
+    text_path = folder / TEXT_FILE_NAME
+    text_path.write_text("\n".join(text), encoding="utf-8")
+    return [json_path, png_path, text_path]
+
+
+def print_inspection(report: DataReport, console: Console) -> None:
+    """The summary table, the text histogram and the samples with trained spans in green."""
+    table = Table(title="Data", show_header=False)
+    for what, value in report.summary():
+        table.add_row(what, escape(value))
+    console.print(table)
+    console.print(text_histogram(report.lengths, report.max_length), markup=False, highlight=False)
+    for sample in report.samples:
+        console.rule(f"[dim]{escape(sample.source)}[/] (trained in [bold green]green[/])")
+        console.print(sample.markup(), highlight=False)
+
+
+def _duplicates(examples: Sequence[Example]) -> list[tuple[str, str]]:
+    first: dict[tuple, str] = {}
+    found = []
+    for example in examples:
+        if example.messages in first:
+            found.append((example.source, first[example.messages]))
+        else:
+            first[example.messages] = example.source
+    return found
+
+
+def _sample_indices(examples: Sequence[Example], truncated: list[str], count: int) -> list[int]:
+    """The first records, one of them a truncated record when there is one: the cut is what needs auditing."""
+    chosen = list(range(min(count, len(examples))))
+    if truncated and chosen and not any(examples[i].source in truncated for i in chosen):
+        chosen[-1] = next(i for i, e in enumerate(examples) if e.source == truncated[0])
+    return chosen
+
+
+def _labelled(
+    source: str, input_ids: list[int], labels: list[int], chat_format: ChatFormat, max_length: int
+) -> LabelledSample:
+    tokens = list(zip(input_ids[:max_length], labels[:max_length], strict=True))
+    pieces = []
+    for trained, run in groupby(tokens, key=lambda pair: pair[1] != IGNORE_INDEX):
+        text = chat_format.tokenizer.decode([token for token, _ in run], skip_special_tokens=False)
+        pieces.append((text, trained))
+    return LabelledSample(source, pieces, max(0, len(input_ids) - max_length))
+
+
+def _first(items: Sequence[str]) -> str:
+    return f" (first: {items[0]})" if items else ""

@@ -1,0 +1,99 @@
+"""Attention for packed rows: PyTorch's variable-length flash attention, registered with transformers.
+
+transformers ships varlen kernels only through the flash-attn package; torch (>= 2.10) has its own
+`torch.nn.attention.varlen.varlen_attn`. Registered under `lowtune_varlen`, it reads the sample boundaries that
+`PackedCollator` passes (`cu_seq_lens_q/k`), so packing costs no padding and builds no mask. Where it is missing
+(the CPU), transformers' SDPA with the block-diagonal mask it derives from the position ids is used instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface
+
+log = logging.getLogger(__name__)
+VARLEN = "lowtune_varlen"
+
+
+def varlen_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention within each packed record. query: (1, heads, T, D); key/value: (1, kv_heads, T, D)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    if cu_seq_lens_q is None or query.shape[0] != 1:
+        raise ValueError(f"{VARLEN} attention needs packed rows (PackedCollator): got no cu_seq_lens_q")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, D)
+    out = varlen_attn(
+        q,
+        k,
+        v,
+        cu_seq_lens_q,
+        cu_seq_lens_k,
+        max_length_q,
+        max_length_k,
+        scale=scaling,
+        **_causal_flags(k.shape[1] != q.shape[1]),
+    )
+    return out[None], None  # (1, T, heads, D), as transformers' attention functions return it
+
+
+def _causal_flags(grouped: bool) -> dict[str, Any]:
+    """varlen_attn's signature moved between torch releases (is_causal, then window_size)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    parameters = inspect.signature(varlen_attn).parameters
+    flags: dict[str, Any] = {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
+    if grouped:
+        flags["enable_gqa"] = True
+    return flags
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    return None  # varlen attention takes the boundaries from cu_seq_lens; a dense mask would only cost memory
+
+
+def use_packed_attention(model: PreTrainedModel, setting: str) -> str:
+    """Sets the attention kernel for packed rows and returns its name (logged)."""
+    choice = setting
+    if setting == "auto":
+        choice = VARLEN if varlen_available() else "sdpa"
+    if choice == VARLEN:
+        if not varlen_available():
+            raise RuntimeError("train.attention lowtune_varlen needs CUDA and torch.nn.attention.varlen")
+        AttentionInterface.register(VARLEN, varlen_attention_forward)
+        AttentionMaskInterface.register(VARLEN, _no_mask)
+    model.set_attn_implementation(choice)
+    reason = {
+        VARLEN: "torch varlen flash attention over cu_seq_lens",
+        "sdpa": "SDPA with a block-diagonal mask from the position ids",
+        "flex_attention": "flex attention with a document mask",
+    }.get(choice, choice)
+    log.info("attention: %s (%s)", choice, reason)
+    return choice
