@@ -48,7 +48,8 @@ def test_evaluate_run_scores_the_adapter_beside_the_base(tmp_path, tiny_run):
     assert {"response", "stopped", "new_tokens", "language", "bleu4", "rouge_l"} <= samples[0]["base"].keys()
     console = Console(record=True, width=160)
     console.print(results_table(results))
-    assert "stop rate" in console.export_text() and "base" in console.export_text()
+    table = console.export_text()
+    assert "stop rate" in table and "BLEU-4 zh" in table and "base" in table
 
 
 def test_replies_that_reach_the_token_limit_have_not_stopped(chat_model):

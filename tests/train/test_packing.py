@@ -1,4 +1,4 @@
-"""Packed rows compute exactly what padded batches compute: same loss, same LoRA gradients, no cross-record attention."""
+"""Packed rows compute what padded batches compute: same loss, same LoRA gradients, no cross-record attention."""
 
 from __future__ import annotations
 

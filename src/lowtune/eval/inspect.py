@@ -84,12 +84,15 @@ class DataReport:
         """(what, value) lines shared by the terminal table, the text file and the run report."""
         stats = ", ".join(f"{key} {value:g}" for key, value in self.length_stats().items())
         lines = [("records read", f"{self.records}")]
-        lines += [(f"  {name}", f"{count}") for name, count in self.files.items()]
+        lines += [(f"  {_short(name)}", f"{count}") for name, count in self.files.items()]
         lines += [
             ("held out for evaluation", f"{self.held_out}"),
             (f"cut by max_length={self.max_length}", f"{len(self.truncated)}" + _first(self.truncated)),
             ("dropped: the cut left no trained token", f"{len(self.dropped)}" + _first(self.dropped)),
-            ("exact duplicates", f"{len(self.duplicates)}" + _first([f"{a} = {b}" for a, b in self.duplicates])),
+            (
+                "exact duplicates",
+                f"{len(self.duplicates)}" + _first([f"{a} = {_short(b)}" for a, b in self.duplicates]),
+            ),
             ("tokens per record", stats),
             ("trained tokens (after the cut)", f"{self.trained_tokens}"),
         ]
@@ -114,6 +117,11 @@ def inspect_data(config: RunConfig, sample_count: int = 3) -> DataReport:
     elif config.data.val_size > 0:
         report.held_out = held_out_count(len(examples), config.data.val_size)
     return report
+
+
+def default_folder(config: RunConfig) -> Path:
+    """Where `data inspect` writes: beside the run's output_dir, not in it (training refuses a folder with files)."""
+    return Path(f"{config.output_dir.rstrip('/')}-data")
 
 
 def analyse_examples(
@@ -214,5 +222,10 @@ def _labelled(
     return LabelledSample(source, pieces, max(0, len(input_ids) - max_length))
 
 
-def _first(items: Sequence[str]) -> str:
-    return f" (first: {items[0]})" if items else ""
+def _first(sources: Sequence[str]) -> str:
+    return f" (first: {_short(sources[0])})" if sources else ""
+
+
+def _short(source: str) -> str:
+    """file:line without the folders: long paths drown the summary (data_report.json keeps them whole)."""
+    return Path(source).name

@@ -1,0 +1,103 @@
+"""Fused LoRA: the hand-written gradients equal autograd's, and a fused model computes what peft computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from lowtune.model.fast_lora import LoRAGroup, fuse_lora
+from lowtune.train.loss import install_hidden_state_loss
+
+
+def reference_group(x, dropout_keep, weights, biases, scales, lora):
+    """The plain implementation: y_i = x W_i^T + b_i + s_i (x_d A_i^T) B_i^T, x_d = x * keep / (1 - p)."""
+    x_lora = x if dropout_keep is None else x * dropout_keep[0] / (1 - dropout_keep[1])
+    outputs = []
+    for i, (weight, bias, scale) in enumerate(zip(weights, biases, scales, strict=True)):
+        a, b = lora[2 * i], lora[2 * i + 1]
+        outputs.append(x @ weight.T + bias + scale * (x_lora @ a.T) @ b.T)
+    return outputs
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_group_gradients_equal_autograd(dropout):
+    torch.manual_seed(0)
+    dtype = torch.float64
+    x = torch.randn(13, 6, dtype=dtype, requires_grad=True)
+    bases = [torch.nn.Linear(6, out, bias=True, dtype=dtype).requires_grad_(False) for out in (5, 3, 4)]
+    ranks = (2, 3, 1)
+    lora = []
+    for base, rank in zip(bases, ranks, strict=True):
+        lora += [
+            torch.randn(rank, 6, dtype=dtype, requires_grad=True),
+            torch.randn(base.out_features, rank, dtype=dtype, requires_grad=True),
+        ]
+    scales = [0.5, 2.0, 1.5]
+    torch.manual_seed(1)
+    fused = LoRAGroup.apply(x, dropout, True, bases, scales, *lora)
+    torch.manual_seed(1)
+    keep = (torch.rand_like(x) >= dropout, dropout) if dropout > 0 else None
+    reference = reference_group(x, keep, [b.weight for b in bases], [b.bias for b in bases], scales, lora)
+    upstream = [torch.randn_like(y) for y in reference]
+    grads_fused = torch.autograd.grad(fused, [x, *lora], upstream)
+    grads_reference = torch.autograd.grad(reference, [x, *lora], upstream)
+    for y_fused, y_reference in zip(fused, reference, strict=True):
+        torch.testing.assert_close(y_fused, y_reference)
+    for g_fused, g_reference in zip(grads_fused, grads_reference, strict=True):
+        torch.testing.assert_close(g_fused, g_reference)
+
+
+def lora_model(folder, quantization=None, dropout=0.0):
+    kwargs = {}
+    if quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+    elif quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": "cpu"}, **kwargs)
+    if quantization == "4bit":
+        import bitsandbytes as bnb
+
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+    torch.manual_seed(0)
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False)
+    )
+    install_hidden_state_loss(model.get_base_model())
+    return model
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("quantization", [None, "4bit", "8bit"])
+def test_fused_model_equals_peft(tiny_qwen2, quantization):
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 5000, (2, 9))
+    batch = {"input_ids": input_ids, "labels": input_ids.clone(), "attention_mask": torch.ones_like(input_ids)}
+    reference = lora_model(tiny_qwen2, quantization)
+    loss_reference, grads_reference = loss_and_grads(reference, batch)
+    fused = lora_model(tiny_qwen2, quantization)
+    assert fuse_lora(fused) == 2  # both decoder layers
+    loss_fused, grads_fused = loss_and_grads(fused, batch)
+    # 8-bit: the fused path multiplies by the dequantized weight, peft by LLM.int8 (int8 activations): close only.
+    tolerance = 5e-2 if quantization == "8bit" else 1e-5
+    torch.testing.assert_close(loss_fused, loss_reference, rtol=tolerance, atol=0)
+    for name, grad in grads_reference.items():
+        relative = ((grads_fused[name] - grad).norm() / grad.norm()).item()
+        assert relative < (0.2 if quantization == "8bit" else 1e-4), name
+
+
+def test_layers_that_do_not_fit_are_left_to_peft(tiny_qwen2):
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert fuse_lora(model) == 0
