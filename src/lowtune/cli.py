@@ -24,6 +24,8 @@ app = typer.Typer(
 )
 convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints into standard Hugging Face folders.")
 app.add_typer(convert_app, name="convert")
+data_app = typer.Typer(no_args_is_help=True, help="Look at training data before training on it.")
+app.add_typer(data_app, name="data")
 err_console = Console(stderr=True)
 
 AdapterOption = Annotated[Path, typer.Option("--adapter", help="A lowtune run folder (or a checkpoint in it).")]
@@ -104,6 +106,14 @@ def generate(
         print(line, flush=True)
 
 
+@app.command("config")
+def config_reference() -> None:
+    """Print the config reference: every section and key, its default and what it does."""
+    from lowtune.config import reference_markdown
+
+    print(reference_markdown(), end="")
+
+
 @convert_app.command("qwen1")
 def convert_qwen1(
     src: Annotated[Path, typer.Argument(help="Qwen-1 folder (e.g. Qwen-7B-Chat).")],
@@ -115,6 +125,85 @@ def convert_qwen1(
 
     convert(src, dst, dtype=dtype)
     err_console.print(f"[green]Converted {src} -> {dst}[/]")
+
+
+@app.command("eval")
+def eval_run(
+    adapter: AdapterOption,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Records to evaluate on (default: the run's held-out records).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate the first N records only.")] = None,
+    base: Annotated[bool, typer.Option("--base", help="Evaluate the base model (adapter off) beside it.")] = False,
+    max_new_tokens: MaxNewOption = 128,
+    model: ModelOption = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Records per forward and generation.")] = 8,
+) -> None:
+    """Eval loss, perplexity, BLEU-4, ROUGE-L and stop rate on held-out records (writes eval_results.json)."""
+    from lowtune.eval.evaluate import RESULTS_FILE_NAME, SAMPLES_FILE_NAME, evaluate_run, results_table
+
+    results = evaluate_run(adapter, data, limit, base, max_new_tokens, batch_size, model)
+    Console().print(results_table(results))
+    err_console.print(f"[green]Wrote {adapter / RESULTS_FILE_NAME} and {adapter / SAMPLES_FILE_NAME}[/]")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    config: Annotated[Path | None, typer.Argument(help="YAML config (see examples/).")] = None,
+    data: Annotated[list[str] | None, typer.Option("--data", help="Override data.files (repeatable).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any override: section.key=value.")] = None,
+    samples: Annotated[int, typer.Option("--samples", min=0, help="Records to render with their trained spans.")] = 3,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for the files (default: OUTPUT_DIR-data).")] = None,
+) -> None:
+    """Records, drops, duplicates, token lengths and trained spans of CONFIG's data; loads no model weights."""
+    from lowtune.config import load_config
+    from lowtune.eval.inspect import default_folder, inspect_data, print_inspection, save_inspection
+
+    overrides = [f"data.files={_yaml_list(data)}"] if data else []
+    run_config = load_config(config, overrides + (set_ or []))
+    report = inspect_data(run_config, samples)
+    print_inspection(report, Console())
+    written = save_inspection(report, out or default_folder(run_config))
+    err_console.print(f"[green]Wrote {', '.join(str(path) for path in written)}[/]")
+
+
+@app.command()
+def merge(
+    adapter: AdapterOption,
+    out: Annotated[Path, typer.Option("--out", help="New folder for the merged model.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "bf16",
+    model: ModelOption = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder.")] = False,
+) -> None:
+    """Merge the adapter into its base model: one folder that transformers, vLLM and lowtune serve load."""
+    from lowtune.model.merge import merge_adapter
+
+    merge_adapter(adapter, out, dtype=dtype, model_path=model, overwrite=overwrite)
+    err_console.print(f"[green]Merged {adapter} -> {out}[/]. Serve it: lowtune serve --model {out}")
+
+
+@app.command()
+def serve(
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="A lowtune run folder (or a checkpoint).")] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="A model folder instead (e.g. lowtune merge's).")
+    ] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", envvar="LOWTUNE_API_KEY", help="Require 'Authorization: Bearer KEY'.")
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Model name clients send (default: the folder's).")] = None,
+) -> None:
+    """Serve the model through an OpenAI-compatible API: /v1/chat/completions (streamed or not), /v1/models."""
+    from lowtune.infer.serve import serve as serve_api
+    from lowtune.infer.session import ChatModel
+
+    if (adapter is None) == (model is None):
+        raise UserError.one("give exactly one of --adapter RUN_DIR or --model MODEL_DIR")
+    chat_model = ChatModel.from_adapter(adapter) if adapter is not None else ChatModel.from_model_dir(model)
+    folder = adapter if adapter is not None else model
+    serve_api(chat_model, name or folder.resolve().name, host=host, port=port, api_key=api_key)
 
 
 def _yaml_list(items: list[str]) -> str:

@@ -125,6 +125,14 @@ class TrainSettings(_Section):
         description="Attention kernel for packed rows. auto: torch's varlen flash attention on CUDA "
         "(lowtune_varlen), else SDPA with a block-diagonal mask.",
     )
+    fused_lora: bool | Literal["auto"] = Field(
+        "auto",
+        description="Compute each decoder layer's q/k/v and gate/up LoRA projections in one fused function "
+        "(Llama-family layers with LoRA on all seven projections). auto: wherever it applies.",
+    )
+    liger: bool | Literal["auto"] = Field(
+        "auto", description="liger-kernel's RMSNorm, RoPE and SwiGLU kernels. auto: on CUDA when it is installed."
+    )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule after warmup."

@@ -15,7 +15,14 @@ from lowtune.data.encode import encode_examples
 from lowtune.data.read import Message, read_examples
 from lowtune.data.split import split_examples
 from lowtune.errors import UserError
-from lowtune.eval.evaluate import eval_loss, evaluate_run, generate, held_out_examples, results_table
+from lowtune.eval.evaluate import (
+    eval_loss,
+    evaluate_run,
+    generate,
+    held_out_examples,
+    results_table,
+    sample_generations,
+)
 from lowtune.eval.plots import plot_losses
 from lowtune.infer.session import ChatModel
 from lowtune.model.load import load_model
@@ -62,6 +69,15 @@ def test_replies_that_reach_the_token_limit_have_not_stopped(chat_model):
     assert all(not reply.stopped and len(reply.ids) == 2 for reply in cut)
 
 
+def test_sample_generations_for_the_report(chat_model, tmp_path):
+    examples = read_examples([str(write_jsonl(tmp_path / "m.jsonl", MEMORISE))])
+    samples = sample_generations(chat_model.model, chat_model.chat_format, examples, count=2, max_new_tokens=24)
+    assert samples == [
+        {"prompt": r["instruction"], "reference": r["output"], "response": r["output"], "stopped": True}
+        for r in MEMORISE[:2]
+    ]
+
+
 def test_batched_generation_matches_one_at_a_time(chat_model):
     conversations = [[Message("user", text)] for text in ("皇上驾到！", "Who are you? Tell me more.", "hi")]
     batched = generate(chat_model.model, chat_model.chat_format, conversations, max_new_tokens=12, batch_size=3)
@@ -71,6 +87,7 @@ def test_batched_generation_matches_one_at_a_time(chat_model):
 
 def test_eval_loss_is_the_token_weighted_mean_of_the_plain_loss(tmp_path, tiny_qwen2, qwen_tokenizer):
     """Hidden-state loss in padded batches == transformers' own loss per record, weighted by its target count."""
+    from lowtune.data.pack import PackedCollator, PaddedCollator
     from lowtune.data.templates import QwenFormat
 
     model, _ = load_model(tiny_qwen2, precision="fp32")
@@ -83,8 +100,12 @@ def test_eval_loss_is_the_token_weighted_mean_of_the_plain_loss(tmp_path, tiny_q
         with torch.no_grad():
             total += model(input_ids=torch.tensor([row["input_ids"]]), labels=labels).loss.item() * count
         targets += count
+    model.requires_grad_(False)  # as in evaluation: the hidden-state loss gives no gradient to the output layer
     install_hidden_state_loss(model)
-    result = eval_loss(model, examples, chat_format, 1024, batch_size=3)
+    rows = encode_examples(examples, chat_format, 1024).rows
+    result = eval_loss(model, rows, PaddedCollator(qwen_tokenizer.pad_token_id), batch_size=3)
+    packed = eval_loss(model, rows, PackedCollator(), batch_size=3)
+    assert packed["eval_loss"] == pytest.approx(result["eval_loss"], rel=1e-5)
     assert result["eval_tokens"] == targets and result["eval_loss"] == pytest.approx(total / targets, rel=1e-5)
 
 

@@ -64,8 +64,8 @@ def test_samples_mark_the_trained_span_and_the_cut(config, qwen_tokenizer):
     assert truncated.source.endswith(":3") and truncated.cut_tokens > 0 and "✂" in truncated.plain()
 
 
-def test_saved_files(config, tmp_path):
-    report = inspect_data(config)
+def test_saved_files(config, tmp_path, qwen_tokenizer):
+    report = analyse_examples(read_examples(config.data.files), QwenFormat(qwen_tokenizer), MAX_LENGTH)
     json_path, png_path, text_path = save_inspection(report, tmp_path / "inspect")
     with Image.open(png_path) as image:
         assert image.format == "PNG" and image.size == (700, 400)

@@ -128,6 +128,7 @@ def test_sampling_answers(client):
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
         ({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "s"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages.0.content"),
     ],
 )
 def test_bad_requests_get_400_in_openai_shape(client, request_body, param):

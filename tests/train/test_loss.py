@@ -69,3 +69,20 @@ def test_without_labels_the_model_still_returns_logits(tiny_qwen2):
     install_hidden_state_loss(model)
     output = model(input_ids=torch.tensor([[1, 2, 3]]))
     assert output.logits.shape == (1, 3, model.config.vocab_size)
+
+
+def test_a_trained_output_layer_keeps_transformers_loss_and_packing_still_holds(tiny_qwen2, qwen_tokenizer):
+    from lowtune.data.pack import PackedCollator, PaddedCollator
+    from lowtune.data.read import Message
+    from lowtune.data.templates import QwenFormat
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)  # every weight trainable
+    assert install_hidden_state_loss(model) == "transformers"
+    rows = []
+    for question, answer in (("皇上驾到！", "皇上万福金安。"), ("你是谁？", "家父是大理寺少卿甄远道。")):
+        input_ids, labels = QwenFormat(qwen_tokenizer).encode([Message("user", question), Message("assistant", answer)])
+        rows.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
+    with torch.no_grad():
+        padded = model(**PaddedCollator(qwen_tokenizer.pad_token_id)(rows), num_items_in_batch=1).loss
+        packed = model(**PackedCollator()(rows), num_items_in_batch=1).loss
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-4)

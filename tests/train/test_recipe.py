@@ -162,3 +162,20 @@ def test_cli_unknown_target_module_exits_2(tmp_path, tiny_qwen2, monkeypatch, ca
     )
     err = capsys.readouterr().err
     assert code == 2 and "nope_proj" in err and "q_proj" in err
+
+
+def test_held_out_records_are_evaluated_during_training_and_reported(tmp_path, tiny_qwen2):
+    data = write_jsonl(tmp_path / "m.jsonl", MEMORISE * 2)
+    config = tiny_config(tiny_qwen2, data, tmp_path / "run", max_steps=7, learning_rate=1e-2)
+    config.data.val_size = 2
+    config.train.eval_steps = 3
+    output = run(config)
+    state = json.loads((output / "trainer_state.json").read_text())
+    evaluated = [(entry["step"], entry["eval_loss"]) for entry in state["log_history"] if "eval_loss" in entry]
+    assert [step for step, _ in evaluated] == [0, 3, 6, 7]  # the base model first, every 3 steps, and the end
+    assert evaluated[-1][1] < evaluated[0][1]
+    summary = json.loads((output / "run_summary.json").read_text())
+    assert summary["records"]["read"] == 8 and summary["records"]["trained"] == 6
+    assert (output / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (output / "report.md").read_text(encoding="utf-8")
+    assert "loss.png" in report and "eval" in report.lower()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from lowtune.data.read import Example
+from lowtune.config import RunConfig
+from lowtune.data.read import Example, read_examples
+from lowtune.data.templates import input_separator
 from lowtune.errors import UserError
 
 
@@ -28,3 +30,11 @@ def split_examples(examples: Sequence[Example], val_size: float, seed: int) -> t
     held = set(random.Random(seed).sample(range(len(examples)), count))
     train = [e for i, e in enumerate(examples) if i not in held]
     return train, [e for i, e in enumerate(examples) if i in held]
+
+
+def split_for_run(config: RunConfig, examples: Sequence[Example]) -> tuple[list[Example], list[Example]]:
+    """(train, held out) as a run makes them: data.eval_files when given, else val_size drawn from the examples."""
+    if config.data.eval_files:
+        separator = input_separator(config.data.template)
+        return list(examples), read_examples(config.data.eval_files, config.data.format, separator)
+    return split_examples(examples, config.data.val_size, config.train.seed)

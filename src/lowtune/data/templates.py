@@ -86,7 +86,8 @@ class ChatFormat(ABC):
 
     def special_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == self.tokenizer.unk_token_id:
+        unknown = token_id == self.tokenizer.unk_token_id and token != self.tokenizer.unk_token
+        if token_id is None or unknown:
             raise UserError.one(
                 f"the {self.name} chat format needs the token {token!r}, which this tokenizer lacks",
                 fix="use data.template: tokenizer (the model's own chat template)",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,8 +23,9 @@ from transformers import PreTrainedModel
 
 from lowtune.config import CONFIG_FILE_NAME, RunConfig, load_config
 from lowtune.data.encode import encode_examples
+from lowtune.data.pack import PaddedCollator
 from lowtune.data.read import Example, Message, read_examples
-from lowtune.data.split import split_examples
+from lowtune.data.split import split_for_run
 from lowtune.data.templates import IGNORE_INDEX, ChatFormat, input_separator
 from lowtune.errors import UserError
 from lowtune.eval.metrics import SCORING, reply_scores, score_replies, stop_rate, stopped
@@ -52,6 +53,7 @@ def evaluate_run(
     base: bool = False,
     max_new_tokens: int = 128,
     batch_size: int = 8,
+    model_path: str | None = None,
 ) -> dict[str, Any]:
     """Evaluates a run on its held-out records; writes eval_results.json and eval_samples.jsonl into the run folder.
 
@@ -62,6 +64,7 @@ def evaluate_run(
         base: also evaluate the base model (the adapter disabled), for comparison.
         max_new_tokens: the longest reply; one that reaches it has not stopped.
         batch_size: records per forward pass and per generation batch.
+        model_path: the base model folder, when it moved since training.
 
     Returns:
         The results written to eval_results.json.
@@ -72,7 +75,7 @@ def evaluate_run(
     examples, described = held_out_examples(config, data)
     examples = examples[:limit] if limit else examples
     log.info("evaluating on %d records: %s", len(examples), described)
-    chat_model = ChatModel.from_adapter(folder)
+    chat_model = ChatModel.from_adapter(folder, model_path)
     install_hidden_state_loss(chat_model.model.get_base_model())
     evaluate = partial(_evaluate_model, chat_model, examples, config.data.max_length, max_new_tokens, batch_size)
     models = {"adapter": evaluate()}
@@ -98,18 +101,16 @@ def held_out_examples(config: RunConfig, data: str | Path | None = None) -> tupl
     records its val_size held out (the same split training made: same files, val_size and seed)."""
     separator = input_separator(config.data.template)
     if data is not None:
-        return read_examples([str(data)], config.data.format, separator), str(data)
+        return read_examples([str(data)], "auto", separator), str(data)  # its own format, whatever training read
+    if not config.data.eval_files and config.data.val_size <= 0:
+        raise UserError.one(
+            "this run has no held-out records: it was trained without data.val_size or data.eval_files",
+            fix="give records to evaluate on with --data FILE",
+        )
+    _, held_out = split_for_run(config, read_examples(config.data.files, config.data.format, separator))
     if config.data.eval_files:
-        described = "data.eval_files: " + ", ".join(config.data.eval_files)
-        return read_examples(config.data.eval_files, config.data.format, separator), described
-    if config.data.val_size > 0:
-        examples = read_examples(config.data.files, config.data.format, separator)
-        described = f"held out of data.files (val_size {config.data.val_size:g}, seed {config.train.seed})"
-        return split_examples(examples, config.data.val_size, config.train.seed)[1], described
-    raise UserError.one(
-        "this run has no held-out records: it was trained without data.val_size or data.eval_files",
-        fix="give records to evaluate on with --data FILE",
-    )
+        return held_out, "data.eval_files: " + ", ".join(config.data.eval_files)
+    return held_out, f"held out of data.files (val_size {config.data.val_size:g}, seed {config.train.seed})"
 
 
 def prompt_and_reference(example: Example) -> tuple[list[Message], str]:
@@ -118,21 +119,27 @@ def prompt_and_reference(example: Example) -> tuple[list[Message], str]:
 
 
 def eval_loss(
-    model: PreTrainedModel, examples: Sequence[Example], chat_format: ChatFormat, max_length: int, batch_size: int = 8
+    model: PreTrainedModel,
+    rows: Sequence[dict[str, list[int]]],
+    collate: Callable[[list[dict[str, list[int]]]], dict[str, Any]] | None = None,
+    batch_size: int = 8,
 ) -> dict[str, float]:
-    """Mean loss over every trained token of the examples (token-weighted, as training counts it) and perplexity.
+    """Mean loss over every trained token of the encoded rows (token-weighted, as training counts it) and perplexity.
 
     The model must have `install_hidden_state_loss` on its base, so that a forward with labels returns the summed
-    loss without keeping logits.
+    loss without keeping logits. `collate` builds the batches (padded by default; training passes its own, packed
+    where it packs).
     """
-    rows = sorted(encode_examples(examples, chat_format, max_length).rows, key=lambda row: len(row["input_ids"]))
-    pad_id = chat_format.tokenizer.pad_token_id
+    collate = collate or PaddedCollator(model.config.pad_token_id or 0)
+    ordered = sorted(rows, key=lambda row: len(row["input_ids"]))
     total, tokens = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = _right_padded(rows[start : start + batch_size], pad_id, model.device)
+    for start in range(0, len(ordered), batch_size):
+        batch = collate(ordered[start : start + batch_size])
+        labels = batch["labels"]
+        batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with torch.inference_mode():
             total += model(**batch, num_items_in_batch=1).loss.item()  # summed over the batch's targets
-        tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # position t predicts label t + 1
+        tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())  # position t predicts label t + 1
     loss = total / tokens
     return {"eval_loss": loss, "perplexity": math.exp(loss), "eval_tokens": tokens}
 
@@ -198,7 +205,8 @@ def _evaluate_model(
     chat_model: ChatModel, examples: list[Example], max_length: int, max_new_tokens: int, batch_size: int
 ) -> tuple[dict[str, Any], list[Generation]]:
     chat_format = chat_model.chat_format
-    metrics = eval_loss(chat_model.model, examples, chat_format, max_length, batch_size)
+    rows = encode_examples(examples, chat_format, max_length).rows
+    metrics = eval_loss(chat_model.model, rows, PaddedCollator(chat_format.tokenizer.pad_token_id), batch_size)
     pairs = [prompt_and_reference(example) for example in examples]
     replies = generate(chat_model.model, chat_format, [messages for messages, _ in pairs], max_new_tokens, batch_size)
     ids = [reply.ids for reply in replies]
@@ -208,19 +216,6 @@ def _evaluate_model(
     }
     metrics |= score_replies([reply.text for reply in replies], [reference for _, reference in pairs])
     return metrics, replies
-
-
-def _right_padded(rows: list[dict[str, list[int]]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    width = max(len(row["input_ids"]) for row in rows)
-
-    def pad(key: str, value: int) -> torch.Tensor:
-        return torch.tensor([row[key] + [value] * (width - len(row[key])) for row in rows], device=device)
-
-    return {
-        "input_ids": pad("input_ids", pad_id),
-        "attention_mask": pad("attention_mask", 0),
-        "labels": pad("labels", IGNORE_INDEX),
-    }
 
 
 @torch.inference_mode()
@@ -265,7 +260,7 @@ def _formatted(metrics: dict[str, Any]) -> dict[str, str]:
     for language, level in (("zh", "characters"), ("en", "words")):
         if language in metrics:
             scores = metrics[language]
-            rows[f"BLEU-4 {language} ({level}, {scores['records']} records)"] = f"{scores['bleu4']:.2f}"
+            rows[f"BLEU-4 {language} ({level}, n={scores['records']})"] = f"{scores['bleu4']:.2f}"
             rows[f"ROUGE-L {language} ({level})"] = f"{scores['rouge_l']:.2f}"
     return rows
 

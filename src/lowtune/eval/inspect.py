@@ -85,14 +85,12 @@ class DataReport:
         stats = ", ".join(f"{key} {value:g}" for key, value in self.length_stats().items())
         lines = [("records read", f"{self.records}")]
         lines += [(f"  {_short(name)}", f"{count}") for name, count in self.files.items()]
+        duplicates = [f"{_short(copy)} = {_short(first)}" for copy, first in self.duplicates]
         lines += [
             ("held out for evaluation", f"{self.held_out}"),
-            (f"cut by max_length={self.max_length}", f"{len(self.truncated)}" + _first(self.truncated)),
-            ("dropped: the cut left no trained token", f"{len(self.dropped)}" + _first(self.dropped)),
-            (
-                "exact duplicates",
-                f"{len(self.duplicates)}" + _first([f"{a} = {_short(b)}" for a, b in self.duplicates]),
-            ),
+            (f"cut by max_length={self.max_length}", _count([_short(s) for s in self.truncated])),
+            ("dropped: the cut left no trained token", _count([_short(s) for s in self.dropped])),
+            ("exact duplicates", _count(duplicates)),
             ("tokens per record", stats),
             ("trained tokens (after the cut)", f"{self.trained_tokens}"),
         ]
@@ -222,8 +220,8 @@ def _labelled(
     return LabelledSample(source, pieces, max(0, len(input_ids) - max_length))
 
 
-def _first(sources: Sequence[str]) -> str:
-    return f" (first: {_short(sources[0])})" if sources else ""
+def _count(items: Sequence[str]) -> str:
+    return f"{len(items)} (first: {items[0]})" if items else "0"
 
 
 def _short(source: str) -> str:

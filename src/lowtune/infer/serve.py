@@ -40,6 +40,7 @@ from lowtune.infer.session import ChatModel, GenerationSettings
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 256  # as lowtune chat and generate
+UNION_MEMBERS = {"str", "int", "float", "bool"}  # how pydantic names the plain members of a union in error paths
 
 
 class TextPart(BaseModel):
@@ -388,10 +389,17 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def _validation_error(error: RequestValidationError) -> APIError:
     """OpenAI answers an invalid request with 400 (not FastAPI's 422), naming the first bad parameter."""
-    problems = [(".".join(str(part) for part in e["loc"][1:]), e["msg"]) for e in error.errors()]
+    problems = [(_param(e["loc"]), e["msg"]) for e in error.errors()]
     message = "; ".join(f"{param}: {text}" if param else text for param, text in problems)
     first_param = problems[0][0] if problems else ""
     return APIError(400, message, first_param or None)
+
+
+def _param(location: tuple[int | str, ...]) -> str:
+    """The dotted parameter of a validation error; pydantic also names the union member it tried ("str",
+    "list[TextPart]"), which is no parameter. The first part is where in the request: the body."""
+    parts = [str(part) for part in location[1:]]
+    return ".".join(part for part in parts if part not in UNION_MEMBERS and "[" not in part)
 
 
 def _is_loopback(host: str) -> bool:

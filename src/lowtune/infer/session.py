@@ -86,24 +86,11 @@ class ChatModel:
 
     def stream(self, messages: Sequence[Message], settings: GenerationSettings | None = None) -> Iterator[str]:
         """Yields the reply's text as it is generated; stops at the chat format's end of turn."""
-        settings = settings or GenerationSettings()
-        prompt = torch.tensor([self.chat_format.encode_prompt(messages)], device=self.model.device)
-        qwen1.warn_if_beyond_seq_length(self.model.config, prompt.shape[1] + settings.max_new_tokens, log)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            streamer=streamer,
-            max_new_tokens=settings.max_new_tokens,
-            eos_token_id=self.chat_format.stop_token_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
-            do_sample=settings.temperature > 0,
+        prompt = self.chat_format.encode_prompt(messages)
+        worker = Thread(
+            target=self.generate_ids, args=(prompt, settings or GenerationSettings(), streamer), daemon=True
         )
-        if settings.temperature > 0:
-            kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        worker = Thread(target=self._generate, kwargs=kwargs, daemon=True)
         worker.start()
         yield from streamer
         worker.join()
@@ -141,10 +128,6 @@ class ChatModel:
             **sampling,
         )
         return output[0, prompt.shape[1] :].tolist()
-
-    @torch.inference_mode()
-    def _generate(self, **kwargs: object) -> None:
-        self.model.generate(**kwargs)
 
 
 def base_model_settings(adapter_dir: Path) -> ModelSettings:

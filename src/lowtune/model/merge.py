@@ -44,7 +44,7 @@ def merge_adapter(
     overwrite: bool = False,
     max_shard_size: int | str = "5GB",
 ) -> Path:
-    """Writes base + adapter as one full-precision model folder that plain transformers (or vLLM) loads.
+    """Writes base + adapter as one unquantized model folder that plain transformers (or vLLM) loads.
 
     An adapter trained on an 8-bit or 4-bit base is merged into the full-precision base (quantization: none),
     and the log says what that changes.
@@ -139,6 +139,11 @@ def _save(model: PreTrainedModel, chat_model: ChatModel, folder: Path, max_shard
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     chat_model.tokenizer.save_pretrained(folder)
     chat_model.chat_format.save(folder)
+    # safetensors writes its files readable by their owner alone (0600), but a deployed model is often read by a
+    # server running as another user: the shards get the permissions of the folder's other files.
+    mode = (folder / "config.json").stat().st_mode
+    for shard in folder.glob("*.safetensors"):
+        shard.chmod(mode)
 
 
 def _write_replacing(out: Path, write: Callable[[Path], None]) -> None:

@@ -82,12 +82,11 @@ def install_hidden_state_loss(model: PreTrainedModel) -> str:
     """Makes `model.forward(..., labels=...)` return the loss computed from hidden states (and no logits).
 
     Without labels (generation) the model's own forward runs. The instance's forward is replaced, not the class's,
-    so other models in the process are untouched. Returns the name of the loss kernel, for the log.
+    so other models in the process are untouched. Where the output layer trains (its weight needs a gradient,
+    which the fused loss does not give) transformers' own loss runs instead. Returns the loss kernel, for the log.
     """
     head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or head.weight.requires_grad or head.bias is not None:
-        log.info("loss: transformers' own (the output layer is trained or not a plain linear layer)")
-        return "transformers"
+    from_hidden = isinstance(head, torch.nn.Linear) and not head.weight.requires_grad and head.bias is None
     original_forward = model.forward
 
     def forward(
@@ -99,21 +98,24 @@ def install_hidden_state_loss(model: PreTrainedModel) -> str:
     ) -> Any:
         if labels is None:
             return original_forward(input_ids=input_ids, **kwargs)
-        kwargs.pop("logits_to_keep", None)
         # No cache: a loss never needs one, and with a cache transformers stops reading record boundaries from
         # packed position ids (records would attend to each other under SDPA or flex attention).
         kwargs["use_cache"] = False
+        if not from_hidden:
+            return original_forward(input_ids=input_ids, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs.pop("logits_to_keep", None)
         hidden = self.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state  # (B, T, H)
         loss = causal_lm_loss(hidden, labels, self.get_output_embeddings().weight, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss)
 
     model.forward = types.MethodType(forward, model)
-    kernel = (
-        "liger fused linear cross-entropy"
-        if torch.cuda.is_available() and _liger_available()
-        else "chunked linear cross-entropy"
-    )
-    log.info("loss: %s from hidden states (only labelled positions are projected onto the vocabulary)", kernel)
+    if not from_hidden:
+        kernel = "transformers"
+        log.info("loss: transformers' own (the output layer trains, or is not a plain linear layer)")
+    else:
+        liger = torch.cuda.is_available() and _liger_available()
+        kernel = "liger fused linear cross-entropy" if liger else "chunked linear cross-entropy"
+        log.info("loss: %s from hidden states (only labelled positions are projected onto the vocabulary)", kernel)
     return kernel
 
 

@@ -23,8 +23,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from lowtune.config import RunConfig, save_config
 from lowtune.data.encode import EncodedData, encode_examples
 from lowtune.data.read import Example, read_examples
+from lowtune.data.split import split_for_run
 from lowtune.data.templates import ChatFormat, build_chat_format, input_separator
 from lowtune.errors import UserError
+from lowtune.eval.evaluate import sample_generations
+from lowtune.eval.inspect import analyse_examples
+from lowtune.eval.report import write_report
 from lowtune.model import qwen1
 from lowtune.model.load import check_quantization_possible, load_tokenizer, load_weights, resolve_model_path
 from lowtune.model.lora import attach_lora
@@ -33,6 +37,7 @@ from lowtune.train.trainer import build_trainer, resolve_checkpointing
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE_NAME = "run_summary.json"
+REPORT_SAMPLES = 3
 
 
 @dataclass
@@ -43,6 +48,8 @@ class Setup:
     tokenizer: PreTrainedTokenizerBase
     chat_format: ChatFormat
     data: EncodedData
+    held_out: list[Example]
+    held_out_rows: list[dict[str, list[int]]]
 
 
 def prepare(config: RunConfig, overwrite: bool = False) -> Setup:
@@ -54,7 +61,8 @@ def prepare(config: RunConfig, overwrite: bool = False) -> Setup:
     tokenizer = load_tokenizer(config.model)
     chat_format = build_chat_format(config.data.template, tokenizer, config.data.system)
     log.info("chat format: %s (end of turn %s)", chat_format.name, chat_format.end_of_turn)
-    data = encode_examples(examples, chat_format, config.data.max_length)
+    train_examples, held_out = split_for_run(config, examples)
+    data = encode_examples(train_examples, chat_format, config.data.max_length)
     log.info(
         "%d records read, %d trained on (%d cut by max_length, %d dropped), %d trained tokens",
         len(examples),
@@ -63,7 +71,10 @@ def prepare(config: RunConfig, overwrite: bool = False) -> Setup:
         len(data.dropped),
         data.trained_tokens,
     )
-    return Setup(examples, tokenizer, chat_format, data)
+    held_out_rows = encode_examples(held_out, chat_format, config.data.max_length).rows if held_out else []
+    if held_out:
+        log.info("%d records held out for evaluation", len(held_out))
+    return Setup(examples, tokenizer, chat_format, data, held_out, held_out_rows)
 
 
 def run(config: RunConfig, overwrite: bool = False, console: Console | None = None) -> Path:
@@ -77,15 +88,26 @@ def run(config: RunConfig, overwrite: bool = False, console: Console | None = No
     set_seed(config.train.seed)  # the adapters' initial values too depend on the seed, not on what ran before
     model = attach_lora(model, config.lora, checkpointing)
     console.print(summary_table(model, title="Model with LoRA adapters"))
-    trainer = build_trainer(config, model, setup.tokenizer, setup.data.rows)
+    trainer = build_trainer(config, model, setup.tokenizer, setup.data.rows, setup.held_out_rows)
     trainer.add_callback(RunFilesCallback(config, setup.chat_format))
     started = time.time()
     result = trainer.train()
     output = Path(config.output_dir)
     save_run(trainer, config, setup, output)
     write_summary(output, config, setup, trainer, result.metrics, time.time() - started)
+    write_run_report(output, config, setup, trainer)
     console.print(f"[green]Adapter saved to {output}[/]. Chat with it: lowtune chat --adapter {output}")
     return output
+
+
+def write_run_report(output: Path, config: RunConfig, setup: Setup, trainer: Trainer) -> None:
+    """loss.png, length_histogram.png and report.md, with a few replies of the trained model."""
+    model = trainer.model
+    model.get_base_model().set_attn_implementation("sdpa")  # generation runs on padded prompts, not packed rows
+    shown = setup.held_out or setup.examples
+    samples = sample_generations(model, setup.chat_format, shown, count=REPORT_SAMPLES, max_new_tokens=64)
+    data = analyse_examples(setup.examples, setup.chat_format, config.data.max_length)
+    write_report(output, config, trainer.state.log_history, data, samples)
 
 
 def align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -13,6 +13,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 from transformers.integrations import TensorBoardCallback
@@ -21,7 +22,9 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from lowtune.config import RunConfig
 from lowtune.data.batching import LengthBucketBatchSampler
 from lowtune.data.pack import PackedCollator, PaddedCollator
+from lowtune.eval.evaluate import eval_loss
 from lowtune.model.attention import use_packed_attention
+from lowtune.train.kernels import apply_kernels
 from lowtune.train.loss import install_hidden_state_loss
 from lowtune.train.progress import RichProgressCallback
 
@@ -49,8 +52,13 @@ def mixed_precision(config: RunConfig) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def training_arguments(config: RunConfig) -> TrainingArguments:
+def training_arguments(config: RunConfig, evaluate: bool = False) -> TrainingArguments:
     train = config.train
+    evaluation = {}
+    if evaluate:  # at the start (the base model's loss), every eval_steps, and at the end
+        evaluation = dict(
+            eval_strategy="steps", eval_steps=train.eval_steps or 5 * train.logging_steps, eval_on_start=True
+        )
     return TrainingArguments(
         output_dir=config.output_dir,
         per_device_train_batch_size=train.batch_size,
@@ -75,15 +83,29 @@ def training_arguments(config: RunConfig) -> TrainingArguments:
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
         **mixed_precision(config),
+        **evaluation,
     )
 
 
 class LowtuneTrainer(Trainer):
-    """Trainer with lowtune's batches: similar lengths, shuffled by (seed, epoch), optionally by token budget."""
+    """Trainer with lowtune's batches (similar lengths, shuffled by (seed, epoch), optionally by token budget) and
+    an evaluation that weighs every held-out token alike and keeps no logits."""
 
     def __init__(self, *args: Any, batch_sampler: LengthBucketBatchSampler, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.batch_sampler = batch_sampler
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:
+        rows = self.eval_dataset if eval_dataset is None else eval_dataset
+        per_batch = max(1, len(self.train_dataset) // max(1, len(self.batch_sampler)))  # the training batches' size
+        result = eval_loss(self.model, rows, self.data_collator, per_batch)
+        metrics = {
+            f"{metric_key_prefix}_loss": result["eval_loss"],
+            f"{metric_key_prefix}_perplexity": result["perplexity"],
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def get_train_dataloader(self) -> DataLoader:
         loader = DataLoader(
@@ -105,11 +127,20 @@ def resolve_packing(setting: bool | str) -> bool:
     return on
 
 
+class FinalEvaluation(TrainerCallback):
+    """Evaluates after the last step too, whether or not it falls on eval_steps."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.eval_strategy != "no" and state.global_step >= state.max_steps:
+            control.should_evaluate = True
+
+
 def build_trainer(
     config: RunConfig,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     rows: list[dict[str, list[int]]],
+    eval_rows: list[dict[str, list[int]]] | None = None,
 ) -> Trainer:
     train = config.train
     packed = resolve_packing(train.packing)
@@ -119,10 +150,12 @@ def build_trainer(
     lengths = [len(row["input_ids"]) for row in rows]
     sampler = LengthBucketBatchSampler(lengths, train.batch_size, train.tokens_per_batch, packed, train.seed)
     install_hidden_state_loss(model.get_base_model())
+    apply_kernels(model, train)
     trainer = LowtuneTrainer(
         model=model,
-        args=training_arguments(config),
+        args=training_arguments(config, evaluate=bool(eval_rows)),
         train_dataset=rows,
+        eval_dataset=eval_rows or None,
         data_collator=collator,
         processing_class=tokenizer,
         batch_sampler=sampler,
@@ -130,6 +163,7 @@ def build_trainer(
     for callback in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(callback)
     trainer.add_callback(RichProgressCallback())
+    trainer.add_callback(FinalEvaluation())
     trainer.add_callback(TensorBoardCallback(SummaryWriter(str(Path(config.output_dir) / "tensorboard"))))
     budget = f"up to {train.tokens_per_batch} tokens" if train.tokens_per_batch else f"{train.batch_size} records"
     log.info("batches: %s of similar length (less padding), %d per epoch", budget, len(sampler))
