@@ -106,6 +106,30 @@ def generate(
         print(line, flush=True)
 
 
+@app.command()
+def bench(
+    modes: Annotated[str, typer.Option("--modes", help="Comma-separated: 4bit, 8bit, none (bf16).")] = "4bit,8bit,none",
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps per recipe.")] = 14,
+    warmup: Annotated[int, typer.Option("--warmup", help="Steps left out of the timing.")] = 3,
+    tokens_per_batch: Annotated[
+        int, typer.Option("--tokens-per-batch", help="lowtune's token budget per step.")
+    ] = 16384,
+    peer: Annotated[str | None, typer.Option("--peer", help="Also race this peer (unsloth).")] = None,
+    layers: Annotated[int | None, typer.Option("--layers", help="Fewer layers: a quick check, not recorded.")] = None,
+    results: Annotated[Path, typer.Option("--results", help="JSON lines to append to.")] = Path("bench/results.jsonl"),
+) -> None:
+    """Race the tutorial's recipe and lowtune's (and a peer's) on a Qwen-7B-shaped model, on this GPU."""
+    from lowtune.bench.run import QUANTIZATIONS, run_bench
+
+    chosen = [mode.strip() for mode in modes.split(",") if mode.strip()]
+    unknown = [mode for mode in chosen if mode not in QUANTIZATIONS]
+    if unknown or (peer not in (None, "unsloth")):
+        raise UserError.one(
+            f"unknown --modes {unknown} or --peer {peer!r}", fix="modes: 4bit, 8bit, none; peer: unsloth"
+        )
+    run_bench(chosen, steps, warmup, tokens_per_batch, peer, layers, results, Console())
+
+
 @app.command("config")
 def config_reference() -> None:
     """Print the config reference: every section and key, its default and what it does."""

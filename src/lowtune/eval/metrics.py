@@ -14,9 +14,6 @@ import re
 from collections.abc import Collection, Sequence
 from typing import Literal
 
-from rouge_score.rouge_scorer import RougeScorer
-from sacrebleu.metrics import BLEU
-
 Language = Literal["zh", "en"]
 SACREBLEU_TOKENIZERS: dict[Language, str] = {"zh": "zh", "en": "13a"}
 SCORING = (
@@ -24,6 +21,13 @@ SCORING = (
     "tokens: Chinese characters (sacrebleu zh) where the reference has Chinese, else words (sacrebleu 13a); 0-100"
 )
 _CHINESE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def _bleu(language: Language, **options: object):
+    # Imported on use: training imports this package for its loss and replies, and never scores.
+    from sacrebleu.metrics import BLEU
+
+    return BLEU(tokenize=SACREBLEU_TOKENIZERS[language], **options)
 
 
 def language_of(text: str) -> Language:
@@ -35,7 +39,7 @@ class SacrebleuTokens:
     """sacrebleu's tokenizer behind the `tokenize` method rouge-score calls, so both metrics see the same tokens."""
 
     def __init__(self, language: Language):
-        self._tokenizer = BLEU(tokenize=SACREBLEU_TOKENIZERS[language]).tokenizer
+        self._tokenizer = _bleu(language).tokenizer
 
     def tokenize(self, text: str) -> list[str]:
         return self._tokenizer(text).split()
@@ -43,17 +47,19 @@ class SacrebleuTokens:
 
 def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str], language: Language) -> float:
     """Corpus BLEU-4 (0-100): n-gram matches and lengths summed over all replies before the ratio is taken."""
-    return BLEU(tokenize=SACREBLEU_TOKENIZERS[language]).corpus_score(list(hypotheses), [list(references)]).score
+    return _bleu(language).corpus_score(list(hypotheses), [list(references)]).score
 
 
 def sentence_bleu(hypothesis: str, reference: str, language: Language) -> float:
     """BLEU-4 of one reply (0-100); orders longer than the reply are left out (sacrebleu's effective order)."""
-    bleu = BLEU(tokenize=SACREBLEU_TOKENIZERS[language], effective_order=True)
+    bleu = _bleu(language, effective_order=True)
     return bleu.sentence_score(hypothesis, [reference]).score
 
 
 def rouge_l(hypothesis: str, reference: str, language: Language) -> float:
     """ROUGE-L F1 (0-100) of one reply: the longest common token subsequence against both lengths."""
+    from rouge_score.rouge_scorer import RougeScorer
+
     scorer = RougeScorer(["rougeL"], tokenizer=SacrebleuTokens(language))
     return 100 * scorer.score(reference, hypothesis)["rougeL"].fmeasure
 

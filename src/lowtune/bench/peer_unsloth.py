@@ -1,0 +1,102 @@
+"""The fastest peer, Unsloth, on the same model, data, LoRA and token budget (only where its packages are present).
+
+Unsloth loads from a folder, so the random model is saved first. It is fed rows of 2048 tokens made of whole
+records laid end to end, `tokens_per_batch / 2048` rows per step, with its dense causal attention: records in a row
+see each other (Unsloth's own packing is not used because it is not available on every path), which favours it
+slightly against lowtune's exact per-record attention.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+
+import torch
+from transformers import PreTrainedTokenizerBase, Qwen2Config, Trainer, TrainingArguments
+
+from lowtune.bench.model import build_random_model
+from lowtune.bench.recipes import (
+    SAME_SAMPLES,
+    SEVEN_PROJECTIONS,
+    Measurement,
+    Rows,
+    StepClock,
+    counting_steps,
+    finish,
+    same_samples_loss,
+)
+from lowtune.data.pack import PaddedCollator
+
+ROW_TOKENS = 2048
+
+
+def concatenated_rows(rows: Rows, length: int, seed: int = 0) -> Rows:
+    """Records laid end to end (shuffled) and cut into rows of `length` tokens; a record never spans two rows."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    out, ids, labels = [], [], []
+    for index in order:
+        row = rows[index]
+        if len(ids) + len(row["input_ids"]) > length:
+            out.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)})
+            ids, labels = [], []
+        ids, labels = ids + row["input_ids"], labels + [-100] + row["labels"][1:]
+    return out
+
+
+def unsloth_recipe(
+    config: Qwen2Config,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Rows,
+    quantization: str,
+    steps: int,
+    warmup: int,
+    tokens_per_batch: int,
+) -> Measurement:
+    from unsloth import FastLanguageModel
+
+    folder = tempfile.mkdtemp()
+    model = build_random_model(config, "none")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=folder,
+        max_seq_length=ROW_TOKENS,
+        dtype=torch.bfloat16,
+        load_in_4bit=quantization == "4bit",
+        load_in_8bit=quantization == "8bit",
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=8,
+        lora_alpha=32,
+        lora_dropout=0,
+        target_modules=SEVEN_PROJECTIONS,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=0,
+    )
+    torch.cuda.reset_peak_memory_stats()
+    collator = PaddedCollator(tokenizer.pad_token_id)
+    same_loss = same_samples_loss(model, rows[:SAME_SAMPLES], collator, 8)
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=tokens_per_batch // ROW_TOKENS,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-4,
+        logging_steps=1,
+        max_steps=steps,
+        bf16=True,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=concatenated_rows(rows, ROW_TOKENS), data_collator=collator)
+    clock = StepClock(warmup)
+    trainer.add_callback(clock)
+    counting_steps(trainer, clock)
+    trainer.train()
+    return finish("unsloth", quantization, trainer, clock, same_loss)
