@@ -117,6 +117,7 @@ def bench(
     peer: Annotated[str | None, typer.Option("--peer", help="Also race this peer (unsloth).")] = None,
     layers: Annotated[int | None, typer.Option("--layers", help="Fewer layers: a quick check, not recorded.")] = None,
     results: Annotated[Path, typer.Option("--results", help="JSON lines to append to.")] = Path("bench/results.jsonl"),
+    profile: Annotated[Path | None, typer.Option("--profile", help="Folder for torch.profiler tables.")] = None,
 ) -> None:
     """Race the tutorial's recipe and lowtune's (and a peer's) on a Qwen-7B-shaped model, on this GPU."""
     from lowtune.bench.run import QUANTIZATIONS, run_bench
@@ -127,7 +128,7 @@ def bench(
         raise UserError.one(
             f"unknown --modes {unknown} or --peer {peer!r}", fix="modes: 4bit, 8bit, none; peer: unsloth"
         )
-    run_bench(chosen, steps, warmup, tokens_per_batch, peer, layers, results, Console())
+    run_bench(chosen, steps, warmup, tokens_per_batch, peer, layers, results, Console(), profile)
 
 
 @app.command("config")

@@ -40,12 +40,31 @@ def build_random_model(config: Qwen2Config, quantization: str, seed: int = 0) ->
         model = Qwen2ForCausalLM._from_config(config, dtype=torch.bfloat16)
     if quantization != "none":
         _quantize_linears(model, quantization)
-        model.is_quantized = True
-        model.is_loaded_in_4bit = quantization == "4bit"
-        model.is_loaded_in_8bit = quantization == "8bit"
+        _mark_quantized(model, quantization)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     return model
+
+
+def _mark_quantized(model: Qwen2ForCausalLM, quantization: str) -> None:
+    """What `from_pretrained(quantization_config=...)` records on a model, which Trainer and peft check."""
+    from transformers import BitsAndBytesConfig
+    from transformers.quantizers import AutoHfQuantizer
+
+    if quantization == "4bit":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    model.config.quantization_config = config
+    model.hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=False)
+    model.is_quantized = True
+    model.is_loaded_in_4bit = quantization == "4bit"
+    model.is_loaded_in_8bit = quantization == "8bit"
 
 
 def _quantize_linears(model: Qwen2ForCausalLM, quantization: str) -> None:

@@ -75,6 +75,31 @@ class StepClock(TrainerCallback):
         return (n1 - n0) / (t1 - t0), steps, (t1 - t0) / steps, (n1 - n0) / steps
 
 
+class ProfileSteps(TrainerCallback):
+    """torch.profiler over a few steady-state steps; writes the kernels by self CUDA time to `path`."""
+
+    def __init__(self, path: str, start: int, count: int = 2):
+        self.path, self.start, self.stop = path, start, start + count
+        self.profiler: torch.profiler.profile | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.start:
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is not None and state.global_step == self.stop:
+            torch.cuda.synchronize()
+            self.profiler.__exit__(None, None, None)
+            table = self.profiler.key_averages().table(
+                sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70
+            )
+            with open(self.path, "w", encoding="utf-8") as file:
+                file.write(f"{self.stop - self.start} steps\n{table}\n")
+            self.profiler = None
+
+
 def counting_steps(trainer: Trainer, clock: StepClock) -> None:
     """Counts the real tokens of every micro-batch the trainer trains on."""
     step = trainer.training_step
@@ -166,6 +191,7 @@ def lowtune_recipe(
     steps: int,
     warmup: int,
     tokens_per_batch: int,
+    profile: str | None = None,
 ) -> Measurement:
     """lowtune's own training of the same job: the same LoRA and learning rate, batches of `tokens_per_batch`
     tokens, and whatever `lowtune train` picks on this machine (packing, attention, kernels, loss)."""
@@ -189,6 +215,8 @@ def lowtune_recipe(
     same_loss = same_samples_loss(trainer.model, rows[:SAME_SAMPLES], trainer.data_collator, 8)
     clock = StepClock(warmup)
     trainer.add_callback(clock)
+    if profile:
+        trainer.add_callback(ProfileSteps(profile, start=warmup))
     counting_steps(trainer, clock)
     trainer.train()
     return finish("lowtune", quantization, trainer, clock, same_loss)

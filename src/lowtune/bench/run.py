@@ -36,6 +36,7 @@ def run_bench(
     layers: int | None,
     results: Path,
     console: Console,
+    profile_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     if not torch.cuda.is_available():
         raise UserError.one("lowtune bench measures GPU training and needs a CUDA device")
@@ -45,7 +46,8 @@ def run_bench(
         measured = {}
         for recipe in recipes:
             console.print(f"[bold]{quantization}: {recipe}[/]")
-            measured[recipe] = _measure(recipe, quantization, steps, warmup, tokens_per_batch, layers, console)
+            profile = profile_dir / f"profile-{quantization}.txt" if profile_dir and recipe == "lowtune" else None
+            measured[recipe] = _measure(recipe, quantization, steps, warmup, tokens_per_batch, layers, console, profile)
         lines.append(_result_line(quantization, measured, steps, tokens_per_batch, layers))
     console.print(results_table(lines))
     if layers is None:  # cut-down models are for checking the bench, not for the record
@@ -57,7 +59,14 @@ def run_bench(
 
 
 def _measure(
-    recipe: str, quantization: str, steps: int, warmup: int, tokens_per_batch: int, layers: int | None, console: Console
+    recipe: str,
+    quantization: str,
+    steps: int,
+    warmup: int,
+    tokens_per_batch: int,
+    layers: int | None,
+    console: Console,
+    profile: Path | None = None,
 ) -> dict[str, Any] | None:
     command = [
         sys.executable,
@@ -73,6 +82,7 @@ def _measure(
         str(tokens_per_batch),
     ]
     command += ["--layers", str(layers)] if layers else []
+    command += ["--profile", str(profile)] if profile else []
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
     if done.returncode != 0:
         console.print(f"[red]{recipe} {quantization} failed[/]:\n{done.stderr[-3000:]}")

@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tokens-per-batch", type=int, default=16384)
     parser.add_argument("--layers", type=int, default=None, help="fewer layers, for a quick check")
+    parser.add_argument("--profile", default=None, help="write a torch.profiler table of two steps here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     tokenizer = build_qwen_tokenizer()
@@ -54,7 +55,7 @@ def main() -> None:
             result = tutorial_recipe(model, tokenizer, rows, args.quantization, args.steps, args.warmup)
         else:
             result = lowtune_recipe(
-                model, tokenizer, rows, args.quantization, args.steps, args.warmup, args.tokens_per_batch
+                model, tokenizer, rows, args.quantization, args.steps, args.warmup, args.tokens_per_batch, args.profile
             )
     print(json.dumps(result.to_dict()), flush=True)
 
