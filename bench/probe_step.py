@@ -32,6 +32,7 @@ VARIANTS = {  # name: (train overrides, lora dropout)
     "peft-lora,no-liger": ({"liger": False, "fused_lora": False}, 0.1),
     "default": ({}, 0.1),
     "default,log-every-10": ({"logging_steps": 10}, 0.1),
+    "default,32k-tokens": ({"tokens_per_batch": 32768}, 0.1),
 }
 
 
