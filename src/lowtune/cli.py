@@ -107,6 +107,22 @@ def generate(
 
 
 @app.command()
+def plan(
+    config: Annotated[Path | None, typer.Argument(help="YAML config (see examples/).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Override model.path.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any override: section.key=value.")] = None,
+) -> None:
+    """Predict the run's peak GPU memory from config.json and the data, before loading any weight."""
+    from lowtune.config import load_config
+    from lowtune.train.recipe import plan_for, prepare
+
+    overrides = [f"model.path={model}"] if model else []
+    run_config = load_config(config, overrides + (set_ or []))
+    _, memory_plan = plan_for(run_config, prepare(run_config, check_output=False))
+    Console().print(memory_plan.table())
+
+
+@app.command()
 def bench(
     modes: Annotated[str, typer.Option("--modes", help="Comma-separated: 4bit, 8bit, none (bf16).")] = "4bit,8bit,none",
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps per recipe.")] = 14,
@@ -128,7 +144,7 @@ def bench(
         raise UserError.one(
             f"unknown --modes {unknown} or --peer {peer!r}", fix="modes: 4bit, 8bit, none; peer: unsloth"
         )
-    run_bench(chosen, steps, warmup, tokens_per_batch, peer, layers, results, Console(), profile)
+    run_bench(chosen, steps, warmup, tokens_per_batch, peer, layers, results, Console(width=150), profile)
 
 
 @app.command("config")
@@ -251,6 +267,9 @@ def setup_logging() -> None:
 
 
 def main() -> None:
+    from lowtune.train.allocator import prefer_expandable_segments
+
+    prefer_expandable_segments()
     setup_logging()
     try:
         app(standalone_mode=False)

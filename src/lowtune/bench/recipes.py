@@ -26,7 +26,8 @@ from transformers import (
 from lowtune.config import LoraSettings, RunConfig, TrainSettings
 from lowtune.data.templates import IGNORE_INDEX
 from lowtune.model.lora import attach_lora
-from lowtune.train.trainer import build_trainer, resolve_checkpointing
+from lowtune.train.memory import plan_run
+from lowtune.train.trainer import build_trainer
 
 Rows = list[dict[str, list[int]]]
 # The tutorial's target_modules (c_attn, c_proj, w1, w2) on the converted model: all seven projections.
@@ -43,19 +44,20 @@ class Measurement:
     steps_timed: int
     seconds_per_step: float
     tokens_per_step: float
-    loss_same_samples: float
+    loss_same_samples: float | None
     first_loss: float
     last_loss: float
+    planned_peak_gib: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class StepClock(TrainerCallback):
-    """Times optimizer steps on the GPU clock; steps before `warmup` are left out."""
+    """Times optimizer steps on the GPU clock, from step `warmup` to step `last`."""
 
-    def __init__(self, warmup: int):
-        self.warmup = warmup
+    def __init__(self, warmup: int, last: int):
+        self.warmup, self.last = warmup, last
         self.tokens = 0
         self.marks: list[tuple[float, int]] = []
 
@@ -65,7 +67,7 @@ class StepClock(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         torch.cuda.synchronize()
-        if state.global_step >= self.warmup:
+        if self.warmup <= state.global_step <= self.last:
             self.marks.append((time.perf_counter(), self.tokens))
 
     def rate(self) -> tuple[float, int, float, float]:
@@ -176,7 +178,7 @@ def tutorial_recipe(
     collator = DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True)
     same_loss = same_samples_loss(model, rows[:SAME_SAMPLES], collator, 8)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
-    clock = StepClock(warmup)
+    clock = StepClock(warmup, steps)
     trainer.add_callback(clock)
     counting_steps(trainer, clock)
     trainer.train()
@@ -195,8 +197,9 @@ def lowtune_recipe(
 ) -> Measurement:
     """lowtune's own training of the same job: the same LoRA and learning rate, batches of `tokens_per_batch`
     tokens, and whatever `lowtune train` picks on this machine (packing, attention, kernels, loss)."""
+    profiled = 2 if profile else 0  # profiled steps come after the timed ones: the profiler slows them
     train = TrainSettings(
-        max_steps=steps,
+        max_steps=steps + profiled,
         tokens_per_batch=tokens_per_batch,
         learning_rate=1e-4,
         logging_steps=1,
@@ -210,13 +213,18 @@ def lowtune_recipe(
         output_dir=tempfile.mkdtemp(),
     )
     config.model.precision = "bf16"
-    model = attach_lora(model, config.lora, resolve_checkpointing(train.gradient_checkpointing))
+    config.model.quantization = quantization
+    lengths = [len(row["input_ids"]) for row in rows]
+    plan = plan_run(config, model.config.to_dict(), lengths, packed=True, checkpointing=True)
+    model = attach_lora(model, config.lora, checkpointing=True)
     trainer = build_trainer(config, model, tokenizer, rows)
     same_loss = same_samples_loss(trainer.model, rows[:SAME_SAMPLES], trainer.data_collator, 8)
-    clock = StepClock(warmup)
+    clock = StepClock(warmup, steps)
     trainer.add_callback(clock)
     if profile:
-        trainer.add_callback(ProfileSteps(profile, start=warmup))
+        trainer.add_callback(ProfileSteps(profile, start=steps, count=profiled))
     counting_steps(trainer, clock)
     trainer.train()
-    return finish("lowtune", quantization, trainer, clock, same_loss)
+    measured = finish("lowtune", quantization, trainer, clock, same_loss)
+    measured.planned_peak_gib = plan.total / 2**30
+    return measured

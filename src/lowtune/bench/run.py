@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lowtune.errors import UserError
+from lowtune.train.allocator import EXPANDABLE_SEGMENTS
 
 QUANTIZATIONS = ("4bit", "8bit", "none")
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "unsloth")
@@ -83,7 +84,10 @@ def _measure(
     ]
     command += ["--layers", str(layers)] if layers else []
     command += ["--profile", str(profile)] if profile else []
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    environment = os.environ.copy()
+    if recipe == "lowtune":  # lowtune's own choice (see cli.main), not imposed on the other recipes
+        environment.setdefault("PYTORCH_CUDA_ALLOC_CONF", EXPANDABLE_SEGMENTS)
+    done = subprocess.run(command, capture_output=True, text=True, env=environment)
     if done.returncode != 0:
         console.print(f"[red]{recipe} {quantization} failed[/]:\n{done.stderr[-3000:]}")
         return None
@@ -107,6 +111,7 @@ def _result_line(
         "ratio": seed and ours and ours["tokens_per_second"] / seed["tokens_per_second"],
         "seed_peak_gib": seed and seed["peak_gib"],
         "peak_gib": ours and ours["peak_gib"],
+        "plan_gib": ours and ours["planned_peak_gib"],
         "seed_loss_same_samples": seed and seed["loss_same_samples"],
         "ours_loss_same_samples": ours and ours["loss_same_samples"],
         "measurements": measured,
@@ -119,13 +124,23 @@ def _result_line(
 
 def results_table(lines: list[dict[str, Any]]) -> Table:
     table = Table(title="lowtune bench: real tokens/s and peak GPU memory (same model, data and LoRA)")
-    for column in ("mode", "recipe", "tokens/s", "x tutorial", "peak GiB", "loss, same 64 records", "tokens/step"):
+    columns = (
+        "mode",
+        "recipe",
+        "tokens/s",
+        "x tutorial",
+        "peak GiB",
+        "plan GiB",
+        "loss, same 64 records",
+        "tokens/step",
+    )
+    for column in columns:
         table.add_column(column, justify="right" if column not in ("mode", "recipe") else "left")
     for line in lines:
         seed = line["measurements"].get("tutorial")
         for recipe, values in line["measurements"].items():
             if values is None:
-                table.add_row(line["quantization"], recipe, "failed", "", "", "", "")
+                table.add_row(line["quantization"], recipe, "failed", "", "", "", "", "")
                 continue
             ratio = f"{values['tokens_per_second'] / seed['tokens_per_second']:.1f}x" if seed else ""
             table.add_row(
@@ -134,7 +149,8 @@ def results_table(lines: list[dict[str, Any]]) -> Table:
                 f"{values['tokens_per_second']:,.0f}",
                 ratio,
                 f"{values['peak_gib']:.1f}",
-                f"{values['loss_same_samples']:.4f}",
+                f"{values['planned_peak_gib']:.1f}" if values.get("planned_peak_gib") else "",
+                f"{values['loss_same_samples']:.4f}" if values.get("loss_same_samples") is not None else "",
                 f"{values['tokens_per_step']:,.0f}",
             )
     return table

@@ -61,8 +61,7 @@ class LoRAGroup(torch.autograd.Function):
         a_all = torch.cat([a.to(dtype) for a in a_weights])  # (sum r, in)
         keep = None
         if dropout > 0 and training:
-            keep = torch.rand_like(x) >= dropout  # (N, in) bool: the dropout mask, saved for dL/dx
-            x_lora = x * keep / (1 - dropout)
+            x_lora, keep = torch.native_dropout(x, dropout, True)  # one kernel: scaled output and its bool mask
         else:
             x_lora = x
         a = x_lora @ a_all.T  # (N, sum r)
@@ -96,7 +95,7 @@ class LoRAGroup(torch.autograd.Function):
             start += rank
         grad_lora_input = grad_a @ a_all  # (N, in)
         if keep is not None:
-            grad_lora_input = grad_lora_input.mul_(keep).div_(1 - ctx.dropout)
+            grad_lora_input = torch.ops.aten.native_dropout_backward(grad_lora_input, keep, 1 / (1 - ctx.dropout))
         grad_x.add_(grad_lora_input)
         grad_a_all = grad_a.T @ x_lora  # (sum r, in)
         grads: list[torch.Tensor] = []

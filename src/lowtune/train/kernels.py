@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 
 import torch
 from peft import PeftModel
@@ -17,6 +18,8 @@ log = logging.getLogger(__name__)
 def apply_kernels(model: PeftModel, train: TrainSettings) -> None:
     """liger-kernel's RMSNorm/RoPE/SwiGLU on CUDA, then lowtune's fused LoRA projections."""
     base = model.get_base_model()
+    if torch.cuda.is_available():
+        log.info("CUDA allocator: %s", os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default"))
     if _resolve(train.liger, torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None):
         from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 

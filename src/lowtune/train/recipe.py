@@ -33,7 +33,8 @@ from lowtune.model import qwen1
 from lowtune.model.load import check_quantization_possible, load_tokenizer, load_weights, resolve_model_path
 from lowtune.model.lora import attach_lora
 from lowtune.model.summary import summary_table
-from lowtune.train.trainer import build_trainer, resolve_checkpointing
+from lowtune.train.memory import GIB, MemoryPlan, choose_checkpointing, plan_run, read_model_config
+from lowtune.train.trainer import build_trainer, resolve_packing
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE_NAME = "run_summary.json"
@@ -52,9 +53,10 @@ class Setup:
     held_out_rows: list[dict[str, list[int]]]
 
 
-def prepare(config: RunConfig, overwrite: bool = False) -> Setup:
+def prepare(config: RunConfig, overwrite: bool = False, check_output: bool = True) -> Setup:
     """Checks the output folder, reads and validates every record, and encodes them; loads no weights."""
-    check_output_dir(Path(config.output_dir), overwrite)
+    if check_output:
+        check_output_dir(Path(config.output_dir), overwrite)
     examples = read_examples(config.data.files, config.data.format, input_separator(config.data.template))
     resolve_model_path(config.model.path)
     check_quantization_possible(config.model)
@@ -81,7 +83,8 @@ def run(config: RunConfig, overwrite: bool = False, console: Console | None = No
     """Trains a LoRA adapter as the config says and returns the output folder."""
     console = console or Console(stderr=True)
     setup = prepare(config, overwrite)
-    checkpointing = resolve_checkpointing(config.train.gradient_checkpointing)
+    checkpointing, plan = plan_for(config, setup)
+    log.info("planned peak GPU memory: %.1f GiB (lowtune plan shows the parts)", plan.total / GIB)
     model = load_weights(config.model)
     qwen1.warn_if_beyond_seq_length(model.config, max(setup.data.lengths), log)
     align_special_tokens(model, setup.tokenizer)
@@ -98,6 +101,14 @@ def run(config: RunConfig, overwrite: bool = False, console: Console | None = No
     write_run_report(output, config, setup, trainer)
     console.print(f"[green]Adapter saved to {output}[/]. Chat with it: lowtune chat --adapter {output}")
     return output
+
+
+def plan_for(config: RunConfig, setup: Setup) -> tuple[bool, MemoryPlan]:
+    """Gradient checkpointing as chosen for this run, and the run's memory plan."""
+    model_config = read_model_config(resolve_model_path(config.model.path))
+    packed = resolve_packing(config.train.packing)
+    checkpointing = choose_checkpointing(config, model_config, setup.data.lengths, packed)
+    return checkpointing, plan_run(config, model_config, setup.data.lengths, packed, checkpointing)
 
 
 def write_run_report(output: Path, config: RunConfig, setup: Setup, trainer: Trainer) -> None:

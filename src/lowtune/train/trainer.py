@@ -31,18 +31,6 @@ from lowtune.train.progress import RichProgressCallback
 log = logging.getLogger(__name__)
 
 
-def resolve_checkpointing(setting: bool | str) -> bool:
-    if setting != "auto":
-        return bool(setting)
-    on = torch.cuda.is_available()
-    log.info(
-        "gradient checkpointing auto: %s (%s)",
-        "on" if on else "off",
-        "CUDA: memory is the limit" if on else "CPU: memory is rarely the limit, recomputation costs time",
-    )
-    return on
-
-
 def mixed_precision(config: RunConfig) -> dict[str, bool]:
     """Autocast flags for Trainer; the adapters themselves stay fp32 (peft keeps them so)."""
     precision = config.model.precision
@@ -119,12 +107,8 @@ class LowtuneTrainer(Trainer):
 
 
 def resolve_packing(setting: bool | str) -> bool:
-    if setting != "auto":
-        return bool(setting)
-    on = torch.cuda.is_available()
-    reason = "one row per micro-batch, no padding" if on else "CPU: padded batches of similar lengths"
-    log.info("packing auto: %s (%s)", "on" if on else "off", reason)
-    return on
+    """train.packing; auto packs on CUDA, where varlen attention makes packed rows free of padding and masks."""
+    return torch.cuda.is_available() if setting == "auto" else bool(setting)
 
 
 class FinalEvaluation(TrainerCallback):
@@ -144,6 +128,7 @@ def build_trainer(
 ) -> Trainer:
     train = config.train
     packed = resolve_packing(train.packing)
+    log.info("packing: %s", "one row per micro-batch, no padding" if packed else "padded batches of similar lengths")
     if packed:
         use_packed_attention(model.get_base_model(), train.attention)
     collator = PackedCollator() if packed else PaddedCollator(tokenizer.pad_token_id)
