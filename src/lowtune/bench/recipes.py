@@ -216,7 +216,7 @@ def lowtune_recipe(
     config.model.quantization = quantization
     lengths = [len(row["input_ids"]) for row in rows]
     plan = plan_run(config, model.config.to_dict(), lengths, packed=True, checkpointing=True)
-    model = attach_lora(model, config.lora, checkpointing=True)
+    model = attach_lora(model, config.lora, gradient_checkpointing=True)
     trainer = build_trainer(config, model, tokenizer, rows)
     same_loss = same_samples_loss(trainer.model, rows[:SAME_SAMPLES], trainer.data_collator, 8)
     clock = StepClock(warmup, steps)
