@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from lowtune.errors import USAGE_EXIT_CODE, UserError
+from lowtune.errors import USAGE_EXIT_CODE, RunStopped, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -46,6 +47,11 @@ def train(
     output_dir: Annotated[str | None, typer.Option("--output-dir", help="Override output_dir.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any override: section.key=value.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in output_dir.")] = False,
+    resume: Annotated[
+        str | None,
+        typer.Option("--resume", help="Continue from the newest checkpoint in output_dir, or from the one given."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Resume even if the config or data changed.")] = False,
 ) -> None:
     """Fine-tune a LoRA adapter as CONFIG says (defaults: the embedded model and data)."""
     from lowtune.config import load_config
@@ -56,7 +62,7 @@ def train(
     overrides += [f"train.max_steps={max_steps}"] if max_steps is not None else []
     overrides += [f"train.save_steps={save_steps}"] if save_steps is not None else []
     overrides += [f"output_dir={output_dir}"] if output_dir else []
-    run(load_config(config, overrides + (set_ or [])), overwrite=overwrite, console=err_console)
+    run(load_config(config, overrides + (set_ or [])), overwrite, err_console, resume, force)
 
 
 @app.command()
@@ -266,16 +272,31 @@ def setup_logging() -> None:
     transformers.logging.enable_propagation()
 
 
+def resume_without_value(argv: list[str]) -> list[str]:
+    """`--resume` alone means the newest checkpoint: click options cannot take an optional value, so a bare
+    `--resume` (not followed by a checkpoint-N folder) becomes `--resume latest`."""
+    args = list(argv)
+    for index, arg in enumerate(args):
+        following = args[index + 1] if index + 1 < len(args) else None
+        is_checkpoint = following is not None and re.fullmatch(r"checkpoint-\d+", Path(following).name)
+        if arg == "--resume" and not is_checkpoint:
+            args[index] = "--resume=latest"
+    return args
+
+
 def main() -> None:
     from lowtune.train.allocator import prefer_expandable_segments
 
     prefer_expandable_segments()
     setup_logging()
     try:
-        app(standalone_mode=False)
+        app(args=resume_without_value(sys.argv[1:]), standalone_mode=False)
     except UserError as error:
         err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(USAGE_EXIT_CODE)
+    except RunStopped as stopped:
+        err_console.print(f"[bold yellow]stopped:[/] {escape(str(stopped))}", highlight=False, soft_wrap=True)
+        sys.exit(stopped.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("[yellow]interrupted[/]")
         sys.exit(130)

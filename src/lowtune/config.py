@@ -96,6 +96,11 @@ class DataSettings(_Section):
         description="Longest encoded record in tokens; longer ones are cut at "
         "the end, and dropped if no trained token is left.",
     )
+    truncation: Literal["cut", "error"] = Field(
+        "cut",
+        description="Records longer than max_length: cut at the end (the tutorial's way; a record left with no "
+        "trained token is dropped and counted), or stop with the file and line of each.",
+    )
     val_size: float = Field(
         0.0,
         ge=0,
@@ -122,8 +127,9 @@ class TrainSettings(_Section):
     )
     attention: Literal["auto", "lowtune_varlen", "flex_attention", "sdpa", "eager"] = Field(
         "auto",
-        description="Attention kernel for packed rows. auto: torch's varlen flash attention on CUDA "
-        "(lowtune_varlen), else SDPA with a block-diagonal mask.",
+        description="Attention kernel. auto: torch's varlen flash attention for packed rows on CUDA "
+        "(lowtune_varlen); SDPA with a block-diagonal mask for packed rows elsewhere; eager for short padded rows "
+        "on the CPU (faster there); SDPA otherwise.",
     )
     fused_lora: bool | Literal["auto"] = Field(
         "auto",

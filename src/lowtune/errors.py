@@ -46,3 +46,12 @@ class UserError(Exception):
         lines = [f"{len(self.problems)} problems:"]
         lines += [f"- {problem}".replace("\n", "\n  ") for problem in self.problems]
         return "\n".join(lines)
+
+
+class RunStopped(Exception):
+    """A run that stopped before its end (interrupted, diverged, out of memory): the CLI prints the message, which
+    says what was saved and how to go on, and exits with `exit_code` (no traceback)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -25,6 +25,9 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         tokens_per_batch: token budget per batch; counted as padded rows (`longest x count`) unless `packed`.
         packed: the batch will be packed into one row, so the budget counts real tokens.
         seed: with the epoch, fixes the order.
+        num_replicas: processes sharing each batch (distributed training): every process plans the same global
+            batches and takes every num_replicas-th record of each, so the batch means the same for any count.
+        rank: this process's place among them.
     """
 
     def __init__(
@@ -34,12 +37,15 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         tokens_per_batch: int | None = None,
         packed: bool = False,
         seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
     ):
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.tokens_per_batch = tokens_per_batch
         self.packed = packed
         self.seed = seed
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self._plans: dict[int, list[list[int]]] = {}
 
@@ -47,7 +53,10 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.plan(self.epoch))
+        for batch in self.plan(self.epoch):
+            if len(batch) < self.num_replicas:
+                raise ValueError(f"a batch of {len(batch)} records cannot be shared by {self.num_replicas} processes")
+            yield batch[self.rank :: self.num_replicas]  # records sorted by length: each share is alike
 
     def __len__(self) -> int:
         return len(self.plan(self.epoch))

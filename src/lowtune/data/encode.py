@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lowtune.data.read import Example, RecordError, to_example
 from lowtune.data.templates import IGNORE_INDEX, ChatFormat, build_chat_format, input_separator
-from lowtune.errors import UserError
+from lowtune.errors import Problem, UserError
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,27 @@ class EncodedData:
         return sum(sum(label != IGNORE_INDEX for label in row["labels"]) for row in self.rows)
 
 
-def encode_examples(examples: Sequence[Example], chat_format: ChatFormat, max_length: int) -> EncodedData:
-    """Encodes every example; a record that truncation leaves with no trained token is dropped and counted."""
+def encode_examples(
+    examples: Sequence[Example], chat_format: ChatFormat, max_length: int, truncation: str = "cut"
+) -> EncodedData:
+    """Encodes every example; a record that truncation leaves with no trained token is dropped and counted.
+
+    With truncation "error", records longer than max_length stop the run instead, each named by file and line.
+    """
     encoded = EncodedData(rows=[])
+    too_long: list[Problem] = []
     for example in examples:
         input_ids, labels = chat_format.encode(example.messages)
+        if len(input_ids) > max_length and truncation == "error":
+            file, _, line = example.source.rpartition(":")
+            too_long.append(
+                Problem(
+                    f"record of {len(input_ids)} tokens, longer than data.max_length={max_length}",
+                    file,
+                    int(line) if line.isdigit() else None,
+                )
+            )
+            continue
         if len(input_ids) > max_length:
             encoded.truncated += 1
             input_ids, labels = input_ids[:max_length], labels[:max_length]
@@ -45,6 +61,9 @@ def encode_examples(examples: Sequence[Example], chat_format: ChatFormat, max_le
             encoded.dropped.append(example.source)
             continue
         encoded.rows.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
+    if too_long:
+        too_long[-1].fix = "raise data.max_length, shorten those records, or set data.truncation: cut"
+        raise UserError(too_long)
     if encoded.truncated:
         log.warning(
             "%d of %d records are longer than max_length=%d and were cut at the end",

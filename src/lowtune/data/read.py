@@ -21,6 +21,8 @@ Format = Literal["auto", "alpaca", "chat"]
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED_PROBLEMS = 20
 BUILTIN_DATASETS = {"huanhuan": "huanhuan.json"}
+HISTORY_FIX = 'write history as [["user turn", "assistant turn"], ...]'
+MESSAGES_FIX = 'write messages as [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]'
 
 
 @dataclass(frozen=True)
@@ -157,9 +159,19 @@ def _json_array_records(text: str, path: Path) -> Iterator[tuple[int, Any]]:
             closed = True
         else:
             found = repr(text[position]) if position < len(text) else "the end of the file"
-            raise UserError.one(f"expected ',' or ']' after a record, found {found}", path, _line_at(text, position))
+            raise UserError.one(
+                f"expected ',' or ']' after a record, found {found}",
+                path,
+                _line_at(text, position),
+                fix="separate the records of a JSON array with commas",
+            )
     if text[position + 1 :].strip():
-        raise UserError.one("unexpected text after the closing ']'", path, _line_at(text, position + 1))
+        raise UserError.one(
+            "unexpected text after the closing ']'",
+            path,
+            _line_at(text, position + 1),
+            fix="a .json file holds one array; use .jsonl for one record a line",
+        )
 
 
 def _line_at(text: str, position: int) -> int:
@@ -174,7 +186,10 @@ def _skip_space(text: str, position: int) -> int:
 
 def to_example(record: Any, fmt: Format, source: str, input_separator: str) -> Example:
     if not isinstance(record, dict):
-        raise RecordError(f"a record must be a JSON object, found {type(record).__name__}")
+        raise RecordError(
+            f"a record must be a JSON object, found {type(record).__name__}",
+            'write {"instruction": ..., "output": ...} or {"messages": [...]}',
+        )
     record_format = fmt if fmt != "auto" else _detect_format(record)
     messages = _chat_messages(record) if record_format == "chat" else _alpaca_messages(record, input_separator)
     return Example(tuple(messages), source)
@@ -196,7 +211,7 @@ def _detect_format(record: dict[str, Any]) -> Format:
 def _alpaca_messages(record: dict[str, Any], input_separator: str) -> list[Message]:
     for key in ("instruction", "output"):
         if key not in record:
-            raise RecordError(f"missing field {key!r}", _did_you_mean(record, (key,)))
+            raise RecordError(f"missing field {key!r}", _did_you_mean(record, (key,)) or f"add {key!r}")
     instruction = _string_field(record, "instruction")
     extra_input = _string_field(record, "input", default="")
     output = _string_field(record, "output")
@@ -205,14 +220,14 @@ def _alpaca_messages(record: dict[str, Any], input_separator: str) -> list[Messa
         raise RecordError("empty 'output': the record has nothing to train on", "remove the record or fill it")
     user = input_separator.join(part for part in (instruction, extra_input) if part)
     if not user.strip():
-        raise RecordError("empty prompt: 'instruction' and 'input' are both empty")
+        raise RecordError("empty prompt: 'instruction' and 'input' are both empty", "write the prompt in 'instruction'")
     history = record.get("history") or []
     if not isinstance(history, list):
-        raise RecordError("'history' must be a list of [user, assistant] pairs")
+        raise RecordError("'history' must be a list of [user, assistant] pairs", HISTORY_FIX)
     messages = [Message("system", system)] if system else []
     for turn, pair in enumerate(history):
         if not isinstance(pair, list | tuple) or len(pair) != 2 or not all(isinstance(text, str) for text in pair):
-            raise RecordError(f"history[{turn}] must be a [user, assistant] pair of strings")
+            raise RecordError(f"history[{turn}] must be a [user, assistant] pair of strings", HISTORY_FIX)
         messages += [Message("user", pair[0]), Message("assistant", pair[1])]
     return messages + [Message("user", user), Message("assistant", output)]
 
@@ -220,18 +235,18 @@ def _alpaca_messages(record: dict[str, Any], input_separator: str) -> list[Messa
 def _chat_messages(record: dict[str, Any]) -> list[Message]:
     raw = record.get("messages")
     if not isinstance(raw, list) or not raw:
-        raise RecordError("'messages' must be a non-empty list of {role, content} objects")
+        raise RecordError("'messages' must be a non-empty list of {role, content} objects", MESSAGES_FIX)
     messages: list[Message] = []
     for index, item in enumerate(raw):
         if not isinstance(item, dict):
-            raise RecordError(f"messages[{index}] must be an object with role and content")
+            raise RecordError(f"messages[{index}] must be an object with role and content", MESSAGES_FIX)
         role, content = item.get("role"), item.get("content")
         if role not in ROLES:
             raise RecordError(f"messages[{index}]: unknown role {role!r}", "roles are " + ", ".join(ROLES))
         if not isinstance(content, str):
-            raise RecordError(f"messages[{index}]: content must be a string")
+            raise RecordError(f"messages[{index}]: content must be a string", "write it as a JSON string")
         if role == "system" and index != 0:
-            raise RecordError(f"messages[{index}]: a system message may only come first")
+            raise RecordError(f"messages[{index}]: a system message may only come first", "move it to the start")
         messages.append(Message(role, content))
     _check_turn_order(messages)
     return messages
@@ -249,17 +264,17 @@ def _check_turn_order(messages: list[Message]) -> None:
     if not turns or turns[-1].role != "assistant":
         raise RecordError("the last message must be the assistant's reply", "end each record with its reply")
     if not any(m.content.strip() for m in turns if m.role == "assistant"):
-        raise RecordError("every assistant reply is empty: nothing to train on")
+        raise RecordError("every assistant reply is empty: nothing to train on", "fill the replies or drop the record")
 
 
 def _string_field(record: dict[str, Any], key: str, default: Any = ...) -> Any:
     if key not in record or record[key] is None:
         if default is ...:
-            raise RecordError(f"missing field {key!r}")
+            raise RecordError(f"missing field {key!r}", f"add {key!r}")
         return default
     value = record[key]
     if not isinstance(value, str):
-        raise RecordError(f"field {key!r} must be a string, found {type(value).__name__}")
+        raise RecordError(f"field {key!r} must be a string, found {type(value).__name__}", "write it as a JSON string")
     return value
 
 

@@ -45,7 +45,12 @@ def resolve_model_path(path: str | Path | None) -> Path:
 
 
 def check_quantization_possible(settings: ModelSettings) -> None:
-    """Fails early, before any weight is read, when this machine cannot run the requested quantization."""
+    """Fails early, before any weight is read, when this machine cannot run the requested precision or quantization."""
+    wants_bf16 = "bf16" in (settings.precision, settings.compute_dtype)
+    if wants_bf16 and settings.device_map != "cpu" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UserError.one(
+            f"this GPU ({torch.cuda.get_device_name()}) has no bf16", fix="set model.precision: fp16 (or fp32)"
+        )
     if settings.quantization == "none":
         return
     try:

@@ -8,33 +8,45 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import resource
+import shutil
+import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_seed
 
 from lowtune.config import RunConfig, save_config
 from lowtune.data.encode import EncodedData, encode_examples
 from lowtune.data.read import Example, read_examples
 from lowtune.data.split import split_for_run
 from lowtune.data.templates import ChatFormat, build_chat_format, input_separator
-from lowtune.errors import UserError
+from lowtune.errors import RunStopped, UserError
 from lowtune.eval.evaluate import sample_generations
 from lowtune.eval.inspect import analyse_examples
 from lowtune.eval.report import write_report
 from lowtune.model import qwen1
+from lowtune.model.attention import VARLEN
 from lowtune.model.load import check_quantization_possible, load_tokenizer, load_weights, resolve_model_path
 from lowtune.model.lora import attach_lora
 from lowtune.model.summary import summary_table
 from lowtune.train.memory import GIB, MemoryPlan, choose_checkpointing, plan_run, read_model_config
-from lowtune.train.trainer import build_trainer, resolve_packing
+from lowtune.train.resume import (
+    check_same_run,
+    complete_checkpoints,
+    find_checkpoint,
+    remove_staging,
+    save_fingerprint,
+)
+from lowtune.train.trainer import GracefulStop, LowtuneTrainer, build_trainer, resolve_packing
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE_NAME = "run_summary.json"
@@ -55,7 +67,7 @@ class Setup:
 
 def prepare(config: RunConfig, overwrite: bool = False, check_output: bool = True) -> Setup:
     """Checks the output folder, reads and validates every record, and encodes them; loads no weights."""
-    if check_output:
+    if check_output and int(os.environ.get("RANK", "0")) == 0:  # other processes would see the first one's files
         check_output_dir(Path(config.output_dir), overwrite)
     examples = read_examples(config.data.files, config.data.format, input_separator(config.data.template))
     resolve_model_path(config.model.path)
@@ -64,7 +76,7 @@ def prepare(config: RunConfig, overwrite: bool = False, check_output: bool = Tru
     chat_format = build_chat_format(config.data.template, tokenizer, config.data.system)
     log.info("chat format: %s (end of turn %s)", chat_format.name, chat_format.end_of_turn)
     train_examples, held_out = split_for_run(config, examples)
-    data = encode_examples(train_examples, chat_format, config.data.max_length)
+    data = encode_examples(train_examples, chat_format, config.data.max_length, config.data.truncation)
     log.info(
         "%d records read, %d trained on (%d cut by max_length, %d dropped), %d trained tokens",
         len(examples),
@@ -79,10 +91,32 @@ def prepare(config: RunConfig, overwrite: bool = False, check_output: bool = Tru
     return Setup(examples, tokenizer, chat_format, data, held_out, held_out_rows)
 
 
-def run(config: RunConfig, overwrite: bool = False, console: Console | None = None) -> Path:
-    """Trains a LoRA adapter as the config says and returns the output folder."""
+def run(
+    config: RunConfig,
+    overwrite: bool = False,
+    console: Console | None = None,
+    resume: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Trains a LoRA adapter as the config says and returns the output folder.
+
+    Args:
+        config: the run.
+        overwrite: replace a run already in output_dir (its checkpoints are removed first).
+        console: where the model table and final message go.
+        resume: "latest" (the newest complete checkpoint in output_dir) or a checkpoint folder.
+        force: resume even if the config or data differ from the checkpoint's.
+    """
     console = console or Console(stderr=True)
-    setup = prepare(config, overwrite)
+    output = Path(config.output_dir)
+    setup = prepare(config, overwrite=overwrite or resume is not None)
+    checkpoint = find_checkpoint(output, resume) if resume else None
+    if checkpoint is not None:
+        check_same_run(config, checkpoint, force)
+        log.info("resuming from %s", checkpoint)
+    elif overwrite:
+        remove_checkpoints(output)
+    remove_staging(output)
     checkpointing, plan = plan_for(config, setup)
     log.info("planned peak GPU memory: %.1f GiB (lowtune plan shows the parts)", plan.total / GIB)
     model = load_weights(config.model)
@@ -91,16 +125,44 @@ def run(config: RunConfig, overwrite: bool = False, console: Console | None = No
     set_seed(config.train.seed)  # the adapters' initial values too depend on the seed, not on what ran before
     model = attach_lora(model, config.lora, checkpointing)
     console.print(summary_table(model, title="Model with LoRA adapters"))
-    trainer = build_trainer(config, model, setup.tokenizer, setup.data.rows, setup.held_out_rows)
-    trainer.add_callback(RunFilesCallback(config, setup.chat_format))
+    trainer = build_trainer(
+        config,
+        model,
+        setup.tokenizer,
+        setup.data.rows,
+        setup.held_out_rows,
+        checkpoint_files=partial(save_run_files, config, setup.chat_format),
+    )
     started = time.time()
-    result = trainer.train()
-    output = Path(config.output_dir)
-    save_run(trainer, config, setup, output)
-    write_summary(output, config, setup, trainer, result.metrics, time.time() - started)
-    write_run_report(output, config, setup, trainer)
-    console.print(f"[green]Adapter saved to {output}[/]. Chat with it: lowtune chat --adapter {output}")
+    result = train_or_explain(trainer, checkpoint, plan)
+    if trainer.is_world_process_zero():
+        save_run(trainer, config, setup, output)
+        write_summary(output, config, setup, trainer, result.metrics, time.time() - started)
+        write_run_report(output, config, setup, trainer)
+        console.print(f"[green]Adapter saved to {output}[/]. Chat with it: lowtune chat --adapter {output}")
     return output
+
+
+def train_or_explain(trainer: LowtuneTrainer, checkpoint: Path | None, plan: MemoryPlan) -> Any:
+    """trainer.train(); a run stopped by a signal or by running out of memory ends with what to do next."""
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.OutOfMemoryError:
+        raise RunStopped(
+            f"out of GPU memory (lowtune plan predicted a peak of {plan.total / GIB:.1f} GiB for "
+            f"{plan.tokens:,} tokens per micro-batch).\n  fix: lower train.tokens_per_batch or train.batch_size "
+            "(raise train.gradient_accumulation to keep the batch), set train.gradient_checkpointing: true, "
+            "or quantize the base (model.quantization: 4bit)"
+        ) from None
+    stop = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GracefulStop))
+    if stop.signal is not None:
+        saved = complete_checkpoints(Path(trainer.args.output_dir))[-1]
+        raise RunStopped(
+            f"stopped by {signal.Signals(stop.signal).name} at step {trainer.state.global_step}; checkpoint "
+            f"written to {saved}.\n  resume: run the same command with --resume",
+            exit_code=128 + stop.signal,
+        )
+    return result
 
 
 def plan_for(config: RunConfig, setup: Setup) -> tuple[bool, MemoryPlan]:
@@ -114,10 +176,12 @@ def plan_for(config: RunConfig, setup: Setup) -> tuple[bool, MemoryPlan]:
 def write_run_report(output: Path, config: RunConfig, setup: Setup, trainer: Trainer) -> None:
     """loss.png, length_histogram.png and report.md, with a few replies of the trained model."""
     model = trainer.model
-    model.get_base_model().set_attn_implementation("sdpa")  # generation runs on padded prompts, not packed rows
+    if model.config._attn_implementation == VARLEN:  # generation runs on padded prompts, not packed rows
+        model.get_base_model().set_attn_implementation("sdpa")
     shown = setup.held_out or setup.examples
     samples = sample_generations(model, setup.chat_format, shown, count=REPORT_SAMPLES, max_new_tokens=64)
     data = analyse_examples(setup.examples, setup.chat_format, config.data.max_length)
+    data.held_out = len(setup.held_out)
     write_report(output, config, trainer.state.log_history, data, samples)
 
 
@@ -147,19 +211,17 @@ def save_run(trainer: Trainer, config: RunConfig, setup: Setup, output: Path) ->
 
 
 def save_run_files(config: RunConfig, chat_format: ChatFormat, folder: Path) -> None:
+    """What makes a run or checkpoint folder self-contained: chat, merge and resume read these."""
     save_config(config, folder)
     chat_format.save(folder)
+    save_fingerprint(config, folder)
 
 
-class RunFilesCallback(TrainerCallback):
-    """Makes every checkpoint self-contained: chat, merge and resume need its config and chat format."""
-
-    def __init__(self, config: RunConfig, chat_format: ChatFormat):
-        self.config, self.chat_format = config, chat_format
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            save_run_files(self.config, self.chat_format, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+def remove_checkpoints(output: Path) -> None:
+    """--overwrite: the old run's checkpoints go (they could be resumed by mistake); other files are replaced."""
+    for checkpoint in complete_checkpoints(output):
+        shutil.rmtree(checkpoint)
+    log.info("--overwrite: removed the previous run's checkpoints in %s", output)
 
 
 def write_summary(

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +24,18 @@ from transformers import (
 )
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import rotate_checkpoints
 
 from lowtune.config import RunConfig
 from lowtune.data.batching import LengthBucketBatchSampler
 from lowtune.data.pack import PackedCollator, PaddedCollator
+from lowtune.errors import RunStopped
 from lowtune.eval.evaluate import eval_loss
-from lowtune.model.attention import use_packed_attention
+from lowtune.model.attention import choose_attention
 from lowtune.train.kernels import apply_kernels
 from lowtune.train.loss import install_hidden_state_loss
 from lowtune.train.progress import RichProgressCallback
+from lowtune.train.resume import STAGING_PREFIX, complete_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +76,7 @@ def training_arguments(config: RunConfig, evaluate: bool = False) -> TrainingArg
         data_seed=train.seed,
         report_to="none",  # TensorBoard is attached below, writing into the run folder
         disable_tqdm=True,
+        logging_nan_inf_filter=False,  # a NaN loss must show (and stop the run), not be averaged away
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
@@ -79,9 +89,55 @@ class LowtuneTrainer(Trainer):
     """Trainer with lowtune's batches (similar lengths, shuffled by (seed, epoch), optionally by token budget) and
     an evaluation that weighs every held-out token alike and keeps no logits."""
 
-    def __init__(self, *args: Any, batch_sampler: LengthBucketBatchSampler, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        batch_sampler: LengthBucketBatchSampler,
+        checkpoint_files: Callable[[Path], None] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.batch_sampler = batch_sampler
+        self.checkpoint_files = checkpoint_files
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Atomic checkpoints: written under .tmp-checkpoint-N, completed with the run's own files (config, chat
+        format, fingerprint), then renamed to checkpoint-N. A process killed while saving leaves only the staging
+        folder behind, and every checkpoint-N is whole."""
+        run_dir = Path(self._get_output_dir(trial))
+        step = self.state.global_step
+        staging = run_dir / f"{STAGING_PREFIX}{step}"
+        shutil.rmtree(staging, ignore_errors=True)
+        real_output_dir = self._get_output_dir
+        self._get_output_dir = lambda trial=None: str(staging)  # Trainer writes checkpoint-N inside this folder
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._get_output_dir = real_output_dir
+        self.accelerator.wait_for_everyone()  # every process has written its RNG state into the staging folder
+        if not self.args.should_save:
+            return
+        written, final = staging / f"checkpoint-{step}", run_dir / f"checkpoint-{step}"
+        if self.checkpoint_files is not None:
+            self.checkpoint_files(written)
+        os.replace(written, final)
+        shutil.rmtree(staging, ignore_errors=True)
+        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit, use_mtime=False)
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        """Stops the run before an optimizer step would apply a NaN or infinite gradient (with fp16, infinities
+        are the loss scaler's to skip; NaN still stops)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        value = float(grad_norm)
+        if math.isnan(value) or (math.isinf(value) and not self.args.fp16):
+            checkpoints = complete_checkpoints(Path(self.args.output_dir))
+            last = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written"
+            raise RunStopped(
+                f"the gradient became {value} at step {self.state.global_step + 1}: training stopped before "
+                f"applying it; {last}.\n  fix: lower train.learning_rate, keep train.max_grad_norm, or train in "
+                "bf16 rather than fp16; then resume with --resume (or start over)"
+            )
+        return grad_norm
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:
         rows = self.eval_dataset if eval_dataset is None else eval_dataset
@@ -96,6 +152,9 @@ class LowtuneTrainer(Trainer):
         return metrics
 
     def get_train_dataloader(self) -> DataLoader:
+        """Every process plans the same global batches and takes its share of each (see the sampler), so that
+        tokens_per_batch and gradient accumulation mean the same global batch for any number of processes."""
+        self.batch_sampler.num_replicas, self.batch_sampler.rank = self.args.world_size, self.args.process_index
         loader = DataLoader(
             self.train_dataset,
             batch_sampler=self.batch_sampler,
@@ -103,12 +162,51 @@ class LowtuneTrainer(Trainer):
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
         )
-        return self.accelerator.prepare(loader)
+        prepared = self.accelerator.prepare(loader)
+        shard = getattr(prepared, "batch_sampler", None)
+        if shard is not None and getattr(shard, "batch_sampler", None) is self.batch_sampler:
+            shard.num_processes, shard.process_index = 1, 0  # accelerate must not share out the shares again
+        return prepared
 
 
 def resolve_packing(setting: bool | str) -> bool:
     """train.packing; auto packs on CUDA, where varlen attention makes packed rows free of padding and masks."""
     return torch.cuda.is_available() if setting == "auto" else bool(setting)
+
+
+class GracefulStop(TrainerCallback):
+    """Ctrl-C or SIGTERM: finish the step, write a checkpoint, stop. A second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._restore()
+
+    def _handle(self, number: int, frame: Any) -> None:
+        if self.signal is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.signal = number
+        log.warning(
+            "%s: stopping after this step and writing a checkpoint (again to stop at once)", signal.Signals(number).name
+        )
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
 
 
 class FinalEvaluation(TrainerCallback):
@@ -125,14 +223,14 @@ def build_trainer(
     tokenizer: PreTrainedTokenizerBase,
     rows: list[dict[str, list[int]]],
     eval_rows: list[dict[str, list[int]]] | None = None,
-) -> Trainer:
+    checkpoint_files: Callable[[Path], None] | None = None,
+) -> LowtuneTrainer:
     train = config.train
     packed = resolve_packing(train.packing)
     log.info("packing: %s", "one row per micro-batch, no padding" if packed else "padded batches of similar lengths")
-    if packed:
-        use_packed_attention(model.get_base_model(), train.attention)
-    collator = PackedCollator() if packed else PaddedCollator(tokenizer.pad_token_id)
     lengths = [len(row["input_ids"]) for row in rows]
+    choose_attention(model.get_base_model(), train.attention, packed, max(lengths))
+    collator = PackedCollator() if packed else PaddedCollator(tokenizer.pad_token_id)
     sampler = LengthBucketBatchSampler(lengths, train.batch_size, train.tokens_per_batch, packed, train.seed)
     install_hidden_state_loss(model.get_base_model())
     apply_kernels(model, train)
@@ -144,12 +242,15 @@ def build_trainer(
         data_collator=collator,
         processing_class=tokenizer,
         batch_sampler=sampler,
+        checkpoint_files=checkpoint_files,
     )
     for callback in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(callback)
     trainer.add_callback(RichProgressCallback())
     trainer.add_callback(FinalEvaluation())
-    trainer.add_callback(TensorBoardCallback(SummaryWriter(str(Path(config.output_dir) / "tensorboard"))))
+    trainer.add_callback(GracefulStop())
+    if trainer.is_world_process_zero():
+        trainer.add_callback(TensorBoardCallback(SummaryWriter(str(Path(config.output_dir) / "tensorboard"))))
     budget = f"up to {train.tokens_per_batch} tokens" if train.tokens_per_batch else f"{train.batch_size} records"
     log.info("batches: %s of similar length (less padding), %d per epoch", budget, len(sampler))
     return trainer

@@ -1,0 +1,122 @@
+"""Resume a run exactly where its newest complete checkpoint left it, and only the same run.
+
+Checkpoints are written to `.tmp-checkpoint-N` and renamed to `checkpoint-N` when complete (`LowtuneTrainer`), so
+every `checkpoint-N` folder is whole. Each holds the resolved config and a fingerprint of the data and model config;
+resuming with anything that shapes the run changed (model, data, template, LoRA, batching, optimizer) is refused
+with the list of differences, unless forced. Raising the step or epoch limit to train further is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lowtune.config import CONFIG_FILE_NAME, RunConfig, load_config
+from lowtune.data.read import resolve_data_path
+from lowtune.errors import UserError
+
+FINGERPRINT_FILE_NAME = "fingerprint.json"
+STAGING_PREFIX = ".tmp-checkpoint-"
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+# What may change between a run and its resumption: how long it trains, how often it logs, saves and evaluates.
+MAY_CHANGE = {
+    "train.max_steps",
+    "train.epochs",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.logging_steps",
+    "train.eval_steps",
+    "output_dir",
+}
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """checkpoint-N folders, oldest first (staging folders of an interrupted save are not among them)."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and CHECKPOINT.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT.fullmatch(p.name).group(1)))
+
+
+def find_checkpoint(output_dir: Path, resume: str) -> Path:
+    """The checkpoint to resume from: `resume` as a path, or the newest complete one in output_dir ("latest")."""
+    if resume != "latest":
+        checkpoint = Path(resume)
+        if not (checkpoint / "trainer_state.json").is_file():
+            raise UserError.one(
+                "not a complete lowtune checkpoint (no trainer_state.json)",
+                checkpoint,
+                fix="give a checkpoint-N folder of the run, or --resume alone for the newest",
+            )
+        return checkpoint
+    checkpoints = complete_checkpoints(output_dir)
+    if not checkpoints:
+        raise UserError.one(
+            "no checkpoint to resume from",
+            output_dir,
+            fix="train without --resume (train.save_steps sets how often checkpoints are written)",
+        )
+    return checkpoints[-1]
+
+
+def check_same_run(config: RunConfig, checkpoint: Path, force: bool) -> None:
+    """Refuses to resume `checkpoint` under a config or data that would make it another run."""
+    saved = load_config(checkpoint / CONFIG_FILE_NAME)
+    changes = [
+        f"{key}: {before!r} -> {after!r}"
+        for key, (before, after) in _differences(saved, config).items()
+        if key not in MAY_CHANGE
+    ]
+    fingerprint_file = checkpoint / FINGERPRINT_FILE_NAME
+    if fingerprint_file.is_file():
+        before = json.loads(fingerprint_file.read_text(encoding="utf-8"))
+        after = fingerprint(config)
+        changes += [
+            f"{name} changed since the checkpoint" for name in sorted(before) if before[name] != after.get(name)
+        ]
+    if changes and not force:
+        raise UserError.one(
+            "this is not the run the checkpoint belongs to:\n  " + "\n  ".join(changes),
+            checkpoint,
+            fix="resume with the checkpoint's own config, or pass --force to resume anyway",
+        )
+
+
+def fingerprint(config: RunConfig) -> dict[str, str]:
+    """sha256 of each data file and of the model's config.json: what the config's paths alone do not pin down."""
+    from lowtune.model.load import resolve_model_path
+
+    files = {f"data file {name}": resolve_data_path(name) for name in config.data.files + config.data.eval_files}
+    files["model config.json"] = resolve_model_path(config.model.path) / "config.json"
+    return {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()}
+
+
+def save_fingerprint(config: RunConfig, folder: Path) -> None:
+    (folder / FINGERPRINT_FILE_NAME).write_text(json.dumps(fingerprint(config), indent=2), encoding="utf-8")
+
+
+def remove_staging(output_dir: Path) -> None:
+    """Half-written checkpoints of a process that was killed while saving."""
+    for staging in output_dir.glob(STAGING_PREFIX + "*"):
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _differences(before: RunConfig, after: RunConfig) -> dict[str, tuple[Any, Any]]:
+    flat_before, flat_after = _flatten(before.model_dump(mode="json")), _flatten(after.model_dump(mode="json"))
+    return {
+        key: (flat_before.get(key), flat_after.get(key))
+        for key in sorted(set(flat_before) | set(flat_after))
+        if flat_before.get(key) != flat_after.get(key)
+    }
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

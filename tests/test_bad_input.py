@@ -1,0 +1,167 @@
+"""Every kind of user mistake: exit code 2, one message with the file, the line and the fix, nothing written.
+
+Each case goes through the real CLI (`lowtune.cli.main`), before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import builtins
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MEMORISE, write_jsonl
+
+GOOD = '{"instruction": "q", "input": "", "output": "a"}\n'
+DATA_CASES = {
+    "malformed JSONL": ('{"instruction": "q", "output": "a"}\n{"instruction": "q", "output": \n', 2, "not valid JSON"),
+    "missing field": ('{"instruction": "q"}\n', 1, "missing field 'output'"),
+    "mistyped field": (GOOD + '{"instruction": "q", "outptu": "a"}\n', 2, "did you mean 'output'"),
+    "wrong type": ('{"instruction": ["q"], "output": "a"}\n', 1, "must be a string"),
+    "empty file": ("\n", None, "data file is empty"),
+    "empty reply": (GOOD + '{"instruction": "q", "output": ""}\n', 2, "empty 'output'"),
+    "unknown role": ('{"messages": [{"role": "bot", "content": "x"}]}\n', 1, "unknown role 'bot'"),
+}
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    from lowtune.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lowtune", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code, capsys.readouterr().err.replace("\n", " ")
+
+
+def assert_clean_refusal(code: int, err: str, output: Path, *needles: str) -> None:
+    assert code == 2
+    assert "Traceback" not in err and "fix:" in err
+    for needle in needles:
+        assert needle in err, needle
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_bad_data(case, tmp_path, tiny_qwen2, monkeypatch, capsys):
+    content, line, needle = DATA_CASES[case]
+    data = tmp_path / "data.jsonl"
+    data.write_text(content, encoding="utf-8")
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "train",
+        "--model",
+        str(tiny_qwen2),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "run"),
+    )
+    where = f"{data}:{line}" if line else str(data)
+    assert_clean_refusal(code, err, tmp_path / "run", where, needle)
+
+
+def test_non_utf8_data(tmp_path, tiny_qwen2, monkeypatch, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(GOOD.encode() + b'{"instruction": "\xff", "output": "a"}\n')
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "train",
+        "--model",
+        str(tiny_qwen2),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "run"),
+    )
+    assert_clean_refusal(code, err, tmp_path / "run", f"{data}:2", "not UTF-8")
+
+
+def test_records_longer_than_max_length(tmp_path, tiny_qwen2, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", MEMORISE + [{"instruction": "长" * 200, "input": "", "output": "a"}])
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "train",
+        "--model",
+        str(tiny_qwen2),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--set",
+        "data.max_length=64",
+        "--set",
+        "data.truncation=error",
+    )
+    assert_clean_refusal(code, err, tmp_path / "run", f"{data}:5", "longer than data.max_length=64")
+
+
+def test_unknown_config_key(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\ntrain:\n  learning_rat: 1e-4\n")
+    code, err = run_cli(monkeypatch, capsys, "train", str(config))
+    assert_clean_refusal(code, err, tmp_path / "run", f"{config}:3", "unknown key 'train.learning_rat'")
+
+
+def test_missing_model_folder(tmp_path, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", MEMORISE)
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "train",
+        "--model",
+        str(tmp_path / "nowhere"),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "run"),
+    )
+    assert_clean_refusal(code, err, tmp_path / "run", str(tmp_path / "nowhere"), "model folder not found")
+
+
+def test_a_quantization_this_machine_cannot_do(tmp_path, tiny_qwen2, monkeypatch, capsys):
+    real_import = builtins.__import__
+
+    def without_bitsandbytes(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("no bitsandbytes here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_bitsandbytes)
+    data = write_jsonl(tmp_path / "data.jsonl", MEMORISE)
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "train",
+        "--model",
+        str(tiny_qwen2),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--set",
+        "model.quantization=4bit",
+    )
+    assert_clean_refusal(code, err, tmp_path / "run", "needs bitsandbytes")
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path, tiny_qwen2, monkeypatch, capsys):
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "adapter_model.safetensors").write_bytes(b"precious")
+    data = write_jsonl(tmp_path / "data.jsonl", MEMORISE)
+    code, err = run_cli(
+        monkeypatch, capsys, "train", "--model", str(tiny_qwen2), "--data", str(data), "--output-dir", str(output)
+    )
+    assert code == 2 and "already holds a run" in err and "--overwrite" in err
+    assert (output / "adapter_model.safetensors").read_bytes() == b"precious"
+
+
+def test_remote_code_is_off_unless_asked(tmp_path):
+    from lowtune.config import ModelSettings, load_config
+
+    assert load_config(None).model.trust_remote_code is False
+    assert "run Python code shipped in the model folder" in ModelSettings.model_fields["trust_remote_code"].description

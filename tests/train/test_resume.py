@@ -1,0 +1,247 @@
+"""Never lose a run: exact resume after SIGKILL, Ctrl-C that saves, atomic checkpoints, refused mismatches, NaN stops.
+
+The crash tests run `lowtune train` in a real subprocess through a small driver that adds one hook (kill itself at a
+given moment), so the signals and the half-written files are real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowtune.errors import RunStopped, UserError
+from lowtune.train.recipe import run
+from lowtune.train.resume import complete_checkpoints
+from tests.conftest import MEMORISE, tiny_config, write_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def config_file(tmp_path: Path, model: Path, steps: int = 4, save_steps: int = 2) -> Path:
+    data = write_jsonl(tmp_path / "m.jsonl", MEMORISE * 3)
+    config = tiny_config(model, data, tmp_path / "run", max_steps=steps, save_steps=save_steps, learning_rate=1e-2)
+    config.lora.dropout = 0.1  # dropout draws random numbers: resuming must restore the generator too
+    config.train.save_total_limit = None
+    path = tmp_path / "c.yaml"
+    path.write_text(config.to_yaml(), encoding="utf-8")
+    return path
+
+
+def driver(tmp_path: Path, hook: str) -> Path:
+    """A `lowtune` entry point with one test hook installed before the CLI runs."""
+    script = tmp_path / "driver.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, signal, sys, time
+        from pathlib import Path
+        from lowtune.train import trainer as trainer_module
+        {textwrap.indent(textwrap.dedent(hook), "        ").strip()}
+        from lowtune.cli import main
+        sys.argv = ["lowtune"] + sys.argv[1:]
+        main()
+    """),
+        encoding="utf-8",
+    )
+    return script
+
+
+def lowtune(*args: str, script: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(script)] if script else [sys.executable, "-m", "lowtune"]
+    return subprocess.run(command + list(args), capture_output=True, text=True, cwd=REPO, timeout=600, **kwargs)
+
+
+def adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def logged_losses(folder: Path) -> list[float]:
+    state = json.loads((folder / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+KILL_AFTER_FIRST_CHECKPOINT = """
+    save = trainer_module.LowtuneTrainer._save_checkpoint
+    def save_then_die(self, model, trial):
+        save(self, model, trial)
+        os.kill(os.getpid(), signal.SIGKILL)
+    trainer_module.LowtuneTrainer._save_checkpoint = save_then_die
+"""
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_adapter(tmp_path, tiny_qwen2):
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    done = lowtune("train", str(config_file(straight, tiny_qwen2)))
+    assert done.returncode == 0, done.stderr
+
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    config = config_file(crashed, tiny_qwen2)
+    killed = lowtune("train", str(config), script=driver(crashed, KILL_AFTER_FIRST_CHECKPOINT))
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in complete_checkpoints(crashed / "run")] == ["checkpoint-2"]
+    assert lowtune("train", str(config)).returncode == 2  # the folder holds a run: no overwrite by accident
+    resumed = lowtune("train", str(config), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+
+    for name, tensor in adapter(straight / "run").items():
+        torch.testing.assert_close(adapter(crashed / "run")[name], tensor, rtol=0, atol=1e-6)
+    assert logged_losses(crashed / "run") == pytest.approx(logged_losses(straight / "run"), abs=1e-6)
+
+
+KILL_WHILE_SAVING = """
+    save = trainer_module.LowtuneTrainer._save_checkpoint
+    def save(self, model, trial, _save=save):
+        if self.state.global_step == 4:  # die halfway through the second checkpoint's files
+            self.checkpoint_files = lambda folder: os.kill(os.getpid(), signal.SIGKILL)
+        _save(self, model, trial)
+    trainer_module.LowtuneTrainer._save_checkpoint = save
+"""
+
+
+def test_a_kill_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path, tiny_qwen2):
+    config = config_file(tmp_path, tiny_qwen2, steps=6)
+    killed = lowtune("train", str(config), script=driver(tmp_path, KILL_WHILE_SAVING))
+    assert killed.returncode == -signal.SIGKILL
+    output = tmp_path / "run"
+    assert [p.name for p in complete_checkpoints(output)] == ["checkpoint-2"]
+    assert (output / ".tmp-checkpoint-4").is_dir()  # the half-written one, never renamed
+    resumed = lowtune("train", str(config), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "checkpoint-2" in resumed.stderr.replace("\n", "")
+    assert not (output / ".tmp-checkpoint-4").exists()
+    assert json.loads((output / "run_summary.json").read_text())["steps"] == 6
+
+
+SLOW_STEPS = """
+    from transformers import TrainerCallback
+    class Slow(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            Path(args.output_dir, f"step-{state.global_step}.mark").touch()
+            time.sleep(0.5)
+    build = trainer_module.build_trainer
+    def build_slow(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(Slow())
+        return trainer
+    import lowtune.train.recipe as recipe
+    recipe.build_trainer = build_slow
+"""
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_qwen2, signal_number):
+    config = config_file(tmp_path, tiny_qwen2, steps=200, save_steps=0)
+    output = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(driver(tmp_path, SLOW_STEPS)), "train", str(config)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not (output / "step-3.mark").exists():
+        assert process.poll() is None and time.time() < deadline, process.stderr.read() if process.stderr else ""
+        time.sleep(0.1)
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal_number, stderr
+    checkpoints = complete_checkpoints(output)
+    assert len(checkpoints) == 1 and int(checkpoints[0].name.split("-")[1]) < 200
+    assert "--resume" in stderr and "Traceback" not in stderr
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, tiny_qwen2):
+    config = config_file(tmp_path, tiny_qwen2, steps=200, save_steps=0)
+    output = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(driver(tmp_path, SLOW_STEPS)), "train", str(config)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while not (output / "step-2.mark").exists():
+        assert process.poll() is None
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted" in stderr
+
+
+def test_resume_refuses_a_changed_run_and_lists_the_changes(tmp_path, tiny_qwen2):
+    config = tiny_config(
+        tiny_qwen2, write_jsonl(tmp_path / "m.jsonl", MEMORISE), tmp_path / "run", max_steps=2, save_steps=2
+    )
+    run(config)
+    config.lora.r, config.train.learning_rate = 4, 1e-3
+    with pytest.raises(UserError) as caught:
+        run(config, resume="latest")
+    message = str(caught.value)
+    assert "lora.r: 8 -> 4" in message and "train.learning_rate" in message and "--force" in message
+    write_jsonl(tmp_path / "m.jsonl", MEMORISE[:2])  # the data changed under the same path
+    config.lora.r, config.train.learning_rate = 8, 1e-2
+    with pytest.raises(UserError, match="data file .* changed"):
+        run(config, resume="latest")
+
+
+def test_raising_the_step_limit_trains_further(tmp_path, tiny_qwen2):
+    config = tiny_config(
+        tiny_qwen2, write_jsonl(tmp_path / "m.jsonl", MEMORISE), tmp_path / "run", max_steps=2, save_steps=2
+    )
+    run(config)
+    config.train.max_steps = 4
+    output = run(config, resume="latest")
+    assert json.loads((output / "run_summary.json").read_text())["steps"] == 4
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_qwen2):
+    config = tiny_config(tiny_qwen2, write_jsonl(tmp_path / "m.jsonl", MEMORISE), tmp_path / "run", max_steps=1)
+    with pytest.raises(UserError, match="no checkpoint to resume from"):
+        run(config, resume="latest")
+
+
+def test_a_nan_gradient_stops_the_run_before_the_update(tmp_path, tiny_qwen2):
+    config = tiny_config(
+        tiny_qwen2,
+        write_jsonl(tmp_path / "m.jsonl", MEMORISE),
+        tmp_path / "run",
+        max_steps=6,
+        save_steps=2,
+        learning_rate=1e4,
+    )  # a learning rate that blows the weights up
+    config.train.max_grad_norm = 1e30
+    with pytest.raises(RunStopped, match=r"gradient became (nan|inf) at step \d+.*checkpoint"):
+        run(config)
+
+
+def test_overwrite_replaces_the_old_runs_checkpoints(tmp_path, tiny_qwen2):
+    config = tiny_config(
+        tiny_qwen2, write_jsonl(tmp_path / "m.jsonl", MEMORISE), tmp_path / "run", max_steps=4, save_steps=2
+    )
+    run(config)
+    config.train.max_steps, config.train.save_steps = 1, 0
+    output = run(config, overwrite=True)
+    assert complete_checkpoints(output) == []
+    assert json.loads((output / "run_summary.json").read_text())["steps"] == 1
+
+
+def test_staging_folders_are_not_checkpoints(tmp_path):
+    (tmp_path / ".tmp-checkpoint-8").mkdir()
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-10").mkdir()
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    assert os.path.basename(complete_checkpoints(tmp_path)[-1]) == "checkpoint-10"
