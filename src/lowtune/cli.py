@@ -28,6 +28,7 @@ app.add_typer(convert_app, name="convert")
 data_app = typer.Typer(no_args_is_help=True, help="Look at training data before training on it.")
 app.add_typer(data_app, name="data")
 err_console = Console(stderr=True)
+INTERRUPTED = 130
 
 AdapterOption = Annotated[Path, typer.Option("--adapter", help="A lowtune run folder (or a checkpoint in it).")]
 ModelOption = Annotated[str | None, typer.Option("--model", help="Base model folder, if it moved since training.")]
@@ -290,23 +291,22 @@ def main() -> None:
     prefer_expandable_segments()
     setup_logging()
     try:
-        app(args=resume_without_value(sys.argv[1:]), standalone_mode=False)
+        code = app(args=resume_without_value(sys.argv[1:]), standalone_mode=False)
     except UserError as error:
         err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(USAGE_EXIT_CODE)
     except RunStopped as stopped:
         err_console.print(f"[bold yellow]stopped:[/] {escape(str(stopped))}", highlight=False, soft_wrap=True)
         sys.exit(stopped.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        err_console.print("[yellow]interrupted[/]")
-        sys.exit(130)
-    except Exception as error:  # click's usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(error, click.ClickException):
+    except Exception as error:
+        if hasattr(error, "show") and hasattr(error, "exit_code"):  # click's usage errors (typer vendors click)
             error.show()
             sys.exit(USAGE_EXIT_CODE)
         raise
+    if code == INTERRUPTED:  # typer turns KeyboardInterrupt (a second Ctrl-C) into this code
+        err_console.print("[yellow]interrupted: stopped at once, nothing saved since the last checkpoint[/]")
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

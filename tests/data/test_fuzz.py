@@ -18,8 +18,9 @@ JSON_VALUES = st.recursive(
     max_leaves=12,
 )
 KEYS = st.sampled_from(["instruction", "input", "output", "system", "history", "messages", "role", "content", "x"])
-RECORDS = st.dictionaries(KEYS, JSON_VALUES | st.lists(st.dictionaries(KEYS, JSON_VALUES, max_size=3), max_size=3),
-                          max_size=5)
+RECORDS = st.dictionaries(
+    KEYS, JSON_VALUES | st.lists(st.dictionaries(KEYS, JSON_VALUES, max_size=3), max_size=3), max_size=5
+)
 
 
 def read_bytes_as(raw: bytes, suffix: str) -> None:

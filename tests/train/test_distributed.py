@@ -23,7 +23,9 @@ def free_port() -> int:
 
 
 def train(tmp_path: Path, model: Path, name: str, processes: int) -> Path:
-    data = write_jsonl(tmp_path / "m.jsonl", [dict(r, output=r["output"] * (i + 1)) for i, r in enumerate(MEMORISE * 4)])
+    data = write_jsonl(
+        tmp_path / "m.jsonl", [dict(r, output=r["output"] * (i + 1)) for i, r in enumerate(MEMORISE * 4)]
+    )
     config = tiny_config(model, data, tmp_path / name, max_steps=4, learning_rate=1e-2)
     config.train.gradient_accumulation = 2
     path = tmp_path / f"{name}.yaml"

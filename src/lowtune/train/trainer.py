@@ -165,7 +165,8 @@ class LowtuneTrainer(Trainer):
         prepared = self.accelerator.prepare(loader)
         shard = getattr(prepared, "batch_sampler", None)
         if shard is not None and getattr(shard, "batch_sampler", None) is self.batch_sampler:
-            shard.num_processes, shard.process_index = 1, 0  # accelerate must not share out the shares again
+            # accelerate must not share out the shares again, nor drop batches whose size differs from batch_size.
+            shard.num_processes, shard.process_index, shard.batch_size = 1, 0, None
         return prepared
 
 
