@@ -34,6 +34,12 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     return exited.value.code, capsys.readouterr().err.replace("\n", " ")
 
 
+def train_cli(monkeypatch, capsys, tmp_path: Path, model: Path, data: Path, *extra: str) -> tuple[int, str]:
+    """`lowtune train --model MODEL --data DATA --output-dir TMP/run EXTRA...`."""
+    arguments = ["train", "--model", str(model), "--data", str(data), "--output-dir", str(tmp_path / "run")]
+    return run_cli(monkeypatch, capsys, *arguments, *extra)
+
+
 def assert_clean_refusal(code: int, err: str, output: Path, *needles: str) -> None:
     assert code == 2
     assert "Traceback" not in err and "fix:" in err
@@ -47,17 +53,7 @@ def test_bad_data(case, tmp_path, tiny_qwen2, monkeypatch, capsys):
     content, line, needle = DATA_CASES[case]
     data = tmp_path / "data.jsonl"
     data.write_text(content, encoding="utf-8")
-    code, err = run_cli(
-        monkeypatch,
-        capsys,
-        "train",
-        "--model",
-        str(tiny_qwen2),
-        "--data",
-        str(data),
-        "--output-dir",
-        str(tmp_path / "run"),
-    )
+    code, err = train_cli(monkeypatch, capsys, tmp_path, tiny_qwen2, data)
     where = f"{data}:{line}" if line else str(data)
     assert_clean_refusal(code, err, tmp_path / "run", where, needle)
 
@@ -65,36 +61,14 @@ def test_bad_data(case, tmp_path, tiny_qwen2, monkeypatch, capsys):
 def test_non_utf8_data(tmp_path, tiny_qwen2, monkeypatch, capsys):
     data = tmp_path / "data.jsonl"
     data.write_bytes(GOOD.encode() + b'{"instruction": "\xff", "output": "a"}\n')
-    code, err = run_cli(
-        monkeypatch,
-        capsys,
-        "train",
-        "--model",
-        str(tiny_qwen2),
-        "--data",
-        str(data),
-        "--output-dir",
-        str(tmp_path / "run"),
-    )
+    code, err = train_cli(monkeypatch, capsys, tmp_path, tiny_qwen2, data)
     assert_clean_refusal(code, err, tmp_path / "run", f"{data}:2", "not UTF-8")
 
 
 def test_records_longer_than_max_length(tmp_path, tiny_qwen2, monkeypatch, capsys):
     data = write_jsonl(tmp_path / "data.jsonl", MEMORISE + [{"instruction": "长" * 200, "input": "", "output": "a"}])
-    code, err = run_cli(
-        monkeypatch,
-        capsys,
-        "train",
-        "--model",
-        str(tiny_qwen2),
-        "--data",
-        str(data),
-        "--output-dir",
-        str(tmp_path / "run"),
-        "--set",
-        "data.max_length=64",
-        "--set",
-        "data.truncation=error",
+    code, err = train_cli(
+        monkeypatch, capsys, tmp_path, tiny_qwen2, data, "--set", "data.max_length=64", "--set", "data.truncation=error"
     )
     assert_clean_refusal(code, err, tmp_path / "run", f"{data}:5", "longer than data.max_length=64")
 
@@ -108,17 +82,7 @@ def test_unknown_config_key(tmp_path, monkeypatch, capsys):
 
 def test_missing_model_folder(tmp_path, monkeypatch, capsys):
     data = write_jsonl(tmp_path / "data.jsonl", MEMORISE)
-    code, err = run_cli(
-        monkeypatch,
-        capsys,
-        "train",
-        "--model",
-        str(tmp_path / "nowhere"),
-        "--data",
-        str(data),
-        "--output-dir",
-        str(tmp_path / "run"),
-    )
+    code, err = train_cli(monkeypatch, capsys, tmp_path, tmp_path / "nowhere", data)
     assert_clean_refusal(code, err, tmp_path / "run", str(tmp_path / "nowhere"), "model folder not found")
 
 
@@ -132,19 +96,7 @@ def test_a_quantization_this_machine_cannot_do(tmp_path, tiny_qwen2, monkeypatch
 
     monkeypatch.setattr(builtins, "__import__", without_bitsandbytes)
     data = write_jsonl(tmp_path / "data.jsonl", MEMORISE)
-    code, err = run_cli(
-        monkeypatch,
-        capsys,
-        "train",
-        "--model",
-        str(tiny_qwen2),
-        "--data",
-        str(data),
-        "--output-dir",
-        str(tmp_path / "run"),
-        "--set",
-        "model.quantization=4bit",
-    )
+    code, err = train_cli(monkeypatch, capsys, tmp_path, tiny_qwen2, data, "--set", "model.quantization=4bit")
     assert_clean_refusal(code, err, tmp_path / "run", "needs bitsandbytes")
 
 
@@ -165,3 +117,11 @@ def test_remote_code_is_off_unless_asked(tmp_path):
 
     assert load_config(None).model.trust_remote_code is False
     assert "run Python code shipped in the model folder" in ModelSettings.model_fields["trust_remote_code"].description
+
+
+def test_unknown_lora_target(tmp_path, tiny_qwen2, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", MEMORISE)
+    code, err = train_cli(
+        monkeypatch, capsys, tmp_path, tiny_qwen2, data, "--set", "lora.target_modules=[q_proj, nope]"
+    )
+    assert code == 2 and "no linear layer named nope" in err and "q_proj" in err and "fix:" in err

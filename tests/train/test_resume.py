@@ -139,21 +139,22 @@ SLOW_STEPS = """
 """
 
 
+def slow_run_at_step(tmp_path: Path, model: Path, step: int) -> tuple[subprocess.Popen, Path]:
+    """A long run with half-second steps, once it has finished `step` steps."""
+    config = config_file(tmp_path, model, steps=200, save_steps=0)
+    output = tmp_path / "run"
+    command = [sys.executable, str(driver(tmp_path, SLOW_STEPS)), "train", str(config)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (output / f"step-{step}.mark").exists():
+        assert process.poll() is None and time.time() < deadline, process.stderr.read() if process.stderr else ""
+        time.sleep(0.05)
+    return process, output
+
+
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_qwen2, signal_number):
-    config = config_file(tmp_path, tiny_qwen2, steps=200, save_steps=0)
-    output = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, str(driver(tmp_path, SLOW_STEPS)), "train", str(config)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 300
-    while not (output / "step-3.mark").exists():
-        assert process.poll() is None and time.time() < deadline, process.stderr.read() if process.stderr else ""
-        time.sleep(0.1)
+    process, output = slow_run_at_step(tmp_path, tiny_qwen2, 3)
     process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 128 + signal_number, stderr
@@ -163,18 +164,7 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(t
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path, tiny_qwen2):
-    config = config_file(tmp_path, tiny_qwen2, steps=200, save_steps=0)
-    output = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, str(driver(tmp_path, SLOW_STEPS)), "train", str(config)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    while not (output / "step-2.mark").exists():
-        assert process.poll() is None
-        time.sleep(0.05)
+    process, _ = slow_run_at_step(tmp_path, tiny_qwen2, 2)
     process.send_signal(signal.SIGINT)
     time.sleep(0.1)
     process.send_signal(signal.SIGINT)

@@ -21,10 +21,8 @@ from lowtune.bench.recipes import (
     SEVEN_PROJECTIONS,
     Measurement,
     Rows,
-    StepClock,
-    counting_steps,
-    finish,
     same_samples_loss,
+    timed_training,
 )
 from lowtune.data.pack import PaddedCollator
 
@@ -100,8 +98,4 @@ def unsloth_recipe(
         remove_unused_columns=False,
     )
     trainer = Trainer(model=model, args=args, train_dataset=concatenated_rows(rows, ROW_TOKENS), data_collator=collator)
-    clock = StepClock(warmup, steps)
-    trainer.add_callback(clock)
-    counting_steps(trainer, clock)
-    trainer.train()
-    return finish("unsloth", quantization, trainer, clock, same_loss)
+    return timed_training("unsloth", quantization, trainer, warmup, steps, same_loss)

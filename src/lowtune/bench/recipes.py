@@ -26,7 +26,7 @@ from transformers import (
 from lowtune.config import LoraSettings, RunConfig, TrainSettings
 from lowtune.data.templates import IGNORE_INDEX
 from lowtune.model.lora import attach_lora
-from lowtune.train.memory import plan_run
+from lowtune.train.memory import peak_memory_gib, plan_run
 from lowtune.train.trainer import build_trainer
 
 Rows = list[dict[str, list[int]]]
@@ -66,7 +66,8 @@ class StepClock(TrainerCallback):
         self.tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
 
     def on_step_end(self, args, state, control, **kwargs):
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         if self.warmup <= state.global_step <= self.last:
             self.marks.append((time.perf_counter(), self.tokens))
 
@@ -102,41 +103,43 @@ class ProfileSteps(TrainerCallback):
             self.profiler = None
 
 
-def counting_steps(trainer: Trainer, clock: StepClock) -> None:
-    """Counts the real tokens of every micro-batch the trainer trains on."""
-    step = trainer.training_step
-
-    def training_step(model, inputs, *args, **kwargs):
-        clock.count(inputs)
-        return step(model, inputs, *args, **kwargs)
-
-    trainer.training_step = training_step
-
-
 def same_samples_loss(model: PreTrainedModel, rows: Rows, collate: Callable[[Rows], dict], batch: int) -> float:
     """Token-weighted mean loss over `rows` through this recipe's own batching and forward."""
     total, tokens = 0.0, 0
     model.eval()
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(model.device.type, dtype=torch.bfloat16):
         for start in range(0, len(rows), batch):
             inputs = collate(rows[start : start + batch])
             labels = inputs["labels"]
-            inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
             total += model(**inputs, num_items_in_batch=1).loss.float().item()  # a sum over the batch's targets
             tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
     model.train()
     return total / tokens
 
 
-def finish(name: str, quantization: str, trainer: Trainer, clock: StepClock, same_loss: float) -> Measurement:
-    rate, steps, step_seconds, step_tokens = clock.rate()
+def timed_training(
+    name: str, quantization: str, trainer: Trainer, warmup: int, steps: int, same_loss: float | None
+) -> Measurement:
+    """Trains, timing steps `warmup` to `steps` and counting the real tokens of every micro-batch."""
+    clock = StepClock(warmup, steps)
+    trainer.add_callback(clock)
+    train_step = trainer.training_step
+
+    def counted_step(model, inputs, *args, **kwargs):
+        clock.count(inputs)
+        return train_step(model, inputs, *args, **kwargs)
+
+    trainer.training_step = counted_step
+    trainer.train()
+    rate, timed, step_seconds, step_tokens = clock.rate()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return Measurement(
         name,
         quantization,
         rate,
-        torch.cuda.max_memory_allocated() / 2**30,
-        steps,
+        peak_memory_gib(),
+        timed,
         step_seconds,
         step_tokens,
         same_loss,
@@ -171,6 +174,7 @@ def tutorial_recipe(
         learning_rate=1e-4,
         save_on_each_node=True,
         bf16=True,
+        use_cpu=not torch.cuda.is_available(),
         max_steps=steps,
         report_to="none",
         disable_tqdm=True,
@@ -178,11 +182,7 @@ def tutorial_recipe(
     collator = DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True)
     same_loss = same_samples_loss(model, rows[:SAME_SAMPLES], collator, 8)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
-    clock = StepClock(warmup, steps)
-    trainer.add_callback(clock)
-    counting_steps(trainer, clock)
-    trainer.train()
-    return finish("tutorial", quantization, trainer, clock, same_loss)
+    return timed_training("tutorial", quantization, trainer, warmup, steps, same_loss)
 
 
 def lowtune_recipe(
@@ -219,12 +219,8 @@ def lowtune_recipe(
     model = attach_lora(model, config.lora, gradient_checkpointing=True)
     trainer = build_trainer(config, model, tokenizer, rows)
     same_loss = same_samples_loss(trainer.model, rows[:SAME_SAMPLES], trainer.data_collator, 8)
-    clock = StepClock(warmup, steps)
-    trainer.add_callback(clock)
     if profile:
         trainer.add_callback(ProfileSteps(profile, start=steps, count=profiled))
-    counting_steps(trainer, clock)
-    trainer.train()
-    measured = finish("lowtune", quantization, trainer, clock, same_loss)
+    measured = timed_training("lowtune", quantization, trainer, warmup, steps, same_loss)
     measured.planned_peak_gib = plan.total / 2**30
     return measured

@@ -23,6 +23,7 @@ from rich.table import Table
 
 from lowtune.errors import UserError
 from lowtune.train.allocator import EXPANDABLE_SEGMENTS
+from lowtune.train.memory import device_name
 
 QUANTIZATIONS = ("4bit", "8bit", "none")
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "unsloth")
@@ -100,7 +101,7 @@ def _result_line(
     seed, ours = measured.get("tutorial"), measured.get("lowtune")
     line: dict[str, Any] = {
         "date": dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(),
+        "device": device_name(),
         "versions": _versions(),
         "quantization": quantization,
         "layers": layers or 32,

@@ -142,15 +142,29 @@ def _bitsandbytes_config(settings: ModelSettings) -> Any:
     compute = settings.compute_dtype or settings.precision
     if settings.compute_dtype is None:
         log.info("4-bit compute dtype: %s (model.precision)", compute)
+    storage = {}
+    if fsdp_in_use():
+        # FSDP flattens and shards parameters of one dtype: the packed 4-bit weights must be stored in the model's.
+        storage = {"bnb_4bit_quant_storage": DTYPES[settings.precision]}
+        log.info("FSDP: 4-bit weights stored as %s so that FSDP can shard them with the rest", settings.precision)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=settings.quant_type,
         bnb_4bit_use_double_quant=settings.double_quant,
         bnb_4bit_compute_dtype=DTYPES[compute],
+        **storage,
     )
 
 
+def fsdp_in_use() -> bool:
+    """`accelerate launch` with an FSDP config (FSDP shards the model itself: no device map then)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
 def _device_map(choice: str) -> Any:
+    if fsdp_in_use():
+        log.info("device_map: none (FSDP places and shards the model)")
+        return None
     if choice == "cpu":
         return {"": "cpu"}
     if choice != "auto":

@@ -230,3 +230,23 @@ def choose_checkpointing(config: RunConfig, model_config: dict[str, Any], length
         budget / GIB,
     )
     return on
+
+
+def peak_memory_gib() -> float:
+    """Peak GPU memory allocated by this process, or its peak resident memory on the CPU."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / GIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
+
+
+def device_name() -> str:
+    """The GPU this process trains on, or the CPU's name."""
+    import platform
+
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"

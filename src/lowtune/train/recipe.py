@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
-import resource
 import shutil
 import signal
 import time
@@ -38,7 +36,15 @@ from lowtune.model.attention import VARLEN
 from lowtune.model.load import check_quantization_possible, load_tokenizer, load_weights, resolve_model_path
 from lowtune.model.lora import attach_lora
 from lowtune.model.summary import summary_table
-from lowtune.train.memory import GIB, MemoryPlan, choose_checkpointing, plan_run, read_model_config
+from lowtune.train.memory import (
+    GIB,
+    MemoryPlan,
+    choose_checkpointing,
+    device_name,
+    peak_memory_gib,
+    plan_run,
+    read_model_config,
+)
 from lowtune.train.resume import (
     check_same_run,
     complete_checkpoints,
@@ -242,15 +248,9 @@ def write_summary(
             "dropped": len(setup.data.dropped),
         },
         "trained_tokens_per_epoch": setup.data.trained_tokens,
-        "peak_memory_gib": round(_peak_memory_gib(), 3),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "peak_memory_gib": round(peak_memory_gib(), 3),
+        "device": device_name(),
         "versions": {name: metadata.version(name) for name in ("lowtune", "torch", "transformers", "peft")},
         "config": config.model_dump(mode="json"),
     }
     (output / SUMMARY_FILE_NAME).write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
-
-
-def _peak_memory_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux

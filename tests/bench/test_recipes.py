@@ -1,0 +1,60 @@
+"""The benchmark's machinery on the CPU: both recipes train a tiny model and measure what the GPU run reports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lowtune.bench.peer_unsloth import concatenated_rows
+from lowtune.bench.recipes import SEVEN_PROJECTIONS, lowtune_recipe, tutorial_recipe
+from lowtune.bench.run import _result_line, results_table
+from lowtune.data.encode import encode_records
+from tests.conftest import MEMORISE
+
+
+@pytest.fixture(scope="module")
+def rows(qwen_tokenizer):
+    return encode_records(MEMORISE * 20, qwen_tokenizer, template="seed", max_length=384)
+
+
+def fresh_model(folder):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def test_both_recipes_measure_and_agree_on_the_same_samples(tiny_qwen2, qwen_tokenizer, rows):
+    tutorial = tutorial_recipe(fresh_model(tiny_qwen2), qwen_tokenizer, rows, "none", steps=4, warmup=1)
+    ours = lowtune_recipe(
+        fresh_model(tiny_qwen2), qwen_tokenizer, rows, "none", steps=4, warmup=1, tokens_per_batch=2048
+    )
+    for measured in (tutorial, ours):
+        assert measured.tokens_per_second > 0 and measured.steps_timed == 3 and measured.peak_gib > 0
+    assert tutorial.tokens_per_step < ours.tokens_per_step <= 2048
+    # The same weights (LoRA B starts at zero) and records: two ways to compute one loss.
+    assert ours.loss_same_samples == pytest.approx(tutorial.loss_same_samples, rel=1e-2)
+    assert ours.planned_peak_gib is not None and tutorial.planned_peak_gib is None
+
+
+def test_result_lines_and_table():
+    measured = {
+        "tokens_per_second": 500.0,
+        "peak_gib": 8.4,
+        "planned_peak_gib": None,
+        "loss_same_samples": 12.8,
+        "tokens_per_step": 1151.0,
+    }
+    ours = dict(measured, tokens_per_second=10_000.0, planned_peak_gib=12.8)
+    line = _result_line("4bit", {"tutorial": measured, "lowtune": ours, "unsloth": None}, 10, 16384, None)
+    assert line["ratio"] == 20.0 and line["seed_tok_s"] == 500.0 and line["plan_gib"] == 12.8
+    assert line["layers"] == 32 and "torch" in line["versions"]
+    table = results_table([line])
+    assert table.row_count == 3
+
+
+def test_peer_rows_keep_records_whole(rows):
+    packed = concatenated_rows(rows, 64)
+    assert all(len(row["input_ids"]) <= 64 for row in packed)
+    assert sum(len(row["input_ids"]) for row in packed) <= sum(len(row["input_ids"]) for row in rows)
+    assert all(row["labels"][0] == -100 for row in packed)
+    assert SEVEN_PROJECTIONS[0] == "q_proj"

@@ -1,0 +1,46 @@
+"""Model loading: precisions, quantizations, summaries, and the settings FSDP needs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowtune.config import ModelSettings
+from lowtune.errors import UserError
+from lowtune.model import load
+from lowtune.model.load import load_model
+from lowtune.model.summary import summary_table
+
+
+@pytest.mark.parametrize(
+    ("precision", "quantization", "linear_type"),
+    [
+        ("fp32", None, "Linear"),
+        ("bf16", None, "Linear"),
+        ("bf16", "8bit", "Linear8bitLt"),
+        ("bf16", "4bit", "Linear4bit"),
+    ],
+)
+def test_load_model_api(tiny_qwen2, precision, quantization, linear_type):
+    model, tokenizer = load_model(tiny_qwen2, precision=precision, quantization=quantization)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == linear_type
+    assert model.model.embed_tokens.weight.dtype == load.DTYPES[precision]
+    assert tokenizer.pad_token_id is not None
+    rendered = str(summary_table(model).columns[1]._cells)
+    assert "cpu 100.0%" in rendered and ("4bit" in rendered) == (quantization == "4bit")
+
+
+def test_fsdp_stores_4bit_weights_in_the_model_dtype_and_places_nothing(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    config = load._bitsandbytes_config(ModelSettings(quantization="4bit", precision="bf16"))
+    assert config.bnb_4bit_quant_storage == torch.bfloat16
+    assert load._device_map("auto") is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert load._bitsandbytes_config(ModelSettings(quantization="4bit")).bnb_4bit_quant_storage == torch.uint8
+
+
+def test_missing_folder_and_missing_config(tmp_path):
+    with pytest.raises(UserError, match="model folder not found"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(UserError, match="no config.json"):
+        load_model(tmp_path)
