@@ -48,6 +48,15 @@ class UserError(Exception):
         return "\n".join(lines)
 
 
+def pickled_objects_refused(path: str | Path, error: Exception) -> UserError:
+    """A `.bin` weight file that `torch.load(weights_only=True)` refused: it would run code if unpickled."""
+    return UserError.one(
+        f"refused: the file holds pickled objects that are not tensors ({str(error).splitlines()[0]})",
+        path,
+        fix="use the checkpoint's original weight files, or convert them to safetensors where you trust them",
+    )
+
+
 class RunStopped(Exception):
     """A run that stopped before its end (interrupted, diverged, out of memory): the CLI prints the message, which
     says what was saved and how to go on, and exits with `exit_code` (no traceback)."""

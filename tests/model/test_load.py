@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lowtune.config import ModelSettings
 from lowtune.errors import UserError
 from lowtune.model import load
-from lowtune.model.load import load_model
+from lowtune.model.load import load_model, load_weights
 from lowtune.model.summary import summary_table
 
 
@@ -44,3 +48,18 @@ def test_missing_folder_and_missing_config(tmp_path):
         load_model(tmp_path / "nope")
     with pytest.raises(UserError, match="no config.json"):
         load_model(tmp_path)
+
+
+def test_a_bin_file_with_pickled_code_is_refused_cleanly(tmp_path, tiny_qwen2):
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_qwen2, folder)
+    state = dict(load_file(folder / "model.safetensors"), surprise=RunsCode())
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="refused: the file holds pickled objects"):
+        load_weights(ModelSettings(path=str(folder), precision="fp32"))
+    assert not (tmp_path / "ran").exists()

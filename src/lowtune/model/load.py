@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lowtune.config import ModelSettings
-from lowtune.errors import UserError
+from lowtune.errors import UserError, pickled_objects_refused
 from lowtune.model import qwen1
 from lowtune.model.default import default_model_path
 
@@ -101,13 +102,16 @@ def load_weights(settings: ModelSettings) -> PreTrainedModel:
             folder, dtype=dtype, quantization_config=quantization_config, device_map=device_map
         )
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder,
-            dtype=dtype,
-            quantization_config=quantization_config,
-            device_map=device_map,
-            trust_remote_code=settings.trust_remote_code,
-        )
+        try:  # transformers prefers safetensors and reads .bin files with weights_only=True
+            model = AutoModelForCausalLM.from_pretrained(
+                folder,
+                dtype=dtype,
+                quantization_config=quantization_config,
+                device_map=device_map,
+                trust_remote_code=settings.trust_remote_code,
+            )
+        except pickle.UnpicklingError as error:
+            raise pickled_objects_refused(folder, error) from None
     if settings.quantization == "4bit" and _on_cpu(model):
         _allow_cpu_4bit_training(model)
     return model

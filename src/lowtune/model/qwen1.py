@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from lowtune.errors import Problem, UserError
+from lowtune.errors import Problem, UserError, pickled_objects_refused
 from lowtune.model.qwen_tokenizer import TIKTOKEN_FILE_NAME, build_qwen_tokenizer
 
 CONFIG_FILE_NAME = "config.json"
@@ -251,11 +251,7 @@ def _read_weight_file(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
-        raise UserError.one(
-            f"refused: the file holds pickled objects that are not tensors ({str(error).splitlines()[0]})",
-            path,
-            fix="use the checkpoint's original weight files, or convert them to safetensors where you trust them",
-        ) from None
+        raise pickled_objects_refused(path, error) from None
     bad = (
         [name for name, value in state.items() if not isinstance(value, torch.Tensor)]
         if isinstance(state, dict)
