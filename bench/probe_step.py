@@ -3,7 +3,7 @@
 Run on the GPU machine:  python bench/probe_step.py [--layers N] [--steps N]
 Every variant trains a fresh adapter on the same 4-bit Qwen-7B-shaped model in this one process (variants that
 install global patches, liger's, come last), prints the wall time of each step, and the first variant writes a
-torch.profiler table of one step sorted by CPU time (what keeps the GPU waiting).
+torch.profiler table of one step sorted by CPU time (what keeps the GPU waiting) and, with --trace, its timeline.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from lowtune.bench.worker import tutorial_rows
 from lowtune.config import LoraSettings, RunConfig, TrainSettings
 from lowtune.model.lora import attach_lora
 from lowtune.model.qwen_tokenizer import build_qwen_tokenizer
+from lowtune.train.memory import choose_checkpointing
 from lowtune.train.trainer import build_trainer
 
 VARIANTS = {  # name: (train overrides, lora dropout)
@@ -33,6 +34,8 @@ VARIANTS = {  # name: (train overrides, lora dropout)
     "default": ({}, 0.1),
     "default,log-every-10": ({"logging_steps": 10}, 0.1),
     "default,32k-tokens": ({"tokens_per_batch": 32768}, 0.1),
+    "offload": ({"gradient_checkpointing": "offload"}, 0.1),
+    "offload-no-dropout": ({"gradient_checkpointing": "offload"}, 0.0),
 }
 
 
@@ -45,35 +48,33 @@ class WallClock(TrainerCallback):
         self.times.append(time.perf_counter())
 
 
-def run_variant(model, tokenizer, rows, name, overrides, dropout, steps, profile_path=None):
-    train = TrainSettings(
-        max_steps=steps,
-        tokens_per_batch=16384,
-        learning_rate=1e-4,
-        logging_steps=1,
-        save_steps=0,
-        gradient_checkpointing=True,
-        **overrides,
-    )
+def run_variant(model, tokenizer, rows, name, overrides, dropout, steps, profile_path=None, trace_path=None):
+    settings = dict(max_steps=steps, tokens_per_batch=16384, learning_rate=1e-4, logging_steps=1, save_steps=0)
+    train = TrainSettings(**(settings | {"gradient_checkpointing": True} | overrides))
     config = RunConfig(
         lora=LoraSettings(r=8, alpha=32, dropout=dropout, target_modules=SEVEN_PROJECTIONS),
         train=train,
         output_dir=tempfile.mkdtemp(),
     )
-    peft_model = attach_lora(model, config.lora, True)
+    lengths = [len(row["input_ids"]) for row in rows]
+    peft_model = attach_lora(model, config.lora, choose_checkpointing(config, model.config.to_dict(), lengths, True))
     trainer = build_trainer(config, peft_model, tokenizer, rows)
     clock = WallClock()
     step = trainer.training_step
 
     def timed_step(*args, **kwargs):
-        if profile_path and len(clock.times) == steps - 2:
+        if (profile_path or trace_path) and len(clock.times) == steps - 2:
             with torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             ) as prof:
                 out = step(*args, **kwargs)
                 torch.cuda.synchronize()
-            with open(profile_path, "w") as file:
-                file.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60))
+            if profile_path:
+                with open(profile_path, "w") as file:
+                    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60)
+                    file.write(table)
+            if trace_path:  # the timeline: when each kernel was launched and when it ran, on which stream
+                prof.export_chrome_trace(trace_path)
             return out
         return step(*args, **kwargs)
 
@@ -99,6 +100,7 @@ def main():
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--profile", default=None)
+    parser.add_argument("--trace", default=None, help="write a Chrome trace of the same step here")
     parser.add_argument("--only", default=None, help="comma-separated variant names")
     args = parser.parse_args()
     print("PYTORCH_CUDA_ALLOC_CONF =", os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), file=sys.stderr)
@@ -108,7 +110,18 @@ def main():
     chosen = args.only.split(",") if args.only else list(VARIANTS)
     for index, name in enumerate(chosen):
         overrides, dropout = VARIANTS[name]
-        run_variant(model, tokenizer, rows, name, overrides, dropout, args.steps, args.profile if index == 0 else None)
+        first = index == 0
+        run_variant(
+            model,
+            tokenizer,
+            rows,
+            name,
+            overrides,
+            dropout,
+            args.steps,
+            args.profile if first else None,
+            args.trace if first else None,
+        )
 
 
 if __name__ == "__main__":

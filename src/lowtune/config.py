@@ -146,10 +146,13 @@ class TrainSettings(_Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapters.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    gradient_checkpointing: bool | Literal["auto"] = Field(
+    gradient_checkpointing: bool | Literal["auto", "offload"] = Field(
         "auto",
-        description="Recompute activations in the backward pass to save memory. auto: on for CUDA, off on "
-        "the CPU (where memory is rarely the limit for the models one trains there).",
+        description="Recompute each decoder layer in the backward pass instead of keeping its activations. true: "
+        "the layer inputs kept for that stay on the GPU; offload: they wait in pinned host memory, copied on a side "
+        "stream while the GPU computes (on the CPU a plain copy, which saves nothing); false: keep every activation. "
+        "auto: off when the run fits in 90% of the GPU without it, else offload when the host has room for the "
+        "layer inputs, else true; off on the CPU.",
     )
     logging_steps: int = Field(10, gt=0, description="Log loss and learning rate every N steps.")
     eval_steps: int | None = Field(

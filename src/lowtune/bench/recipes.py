@@ -26,7 +26,7 @@ from transformers import (
 from lowtune.config import LoraSettings, RunConfig, TrainSettings
 from lowtune.data.templates import IGNORE_INDEX
 from lowtune.model.lora import attach_lora
-from lowtune.train.memory import peak_memory_gib, plan_run
+from lowtune.train.memory import choose_checkpointing, peak_memory_gib, plan_run
 from lowtune.train.trainer import build_trainer
 
 Rows = list[dict[str, list[int]]]
@@ -48,6 +48,7 @@ class Measurement:
     first_loss: float
     last_loss: float
     planned_peak_gib: float | None = None
+    checkpointing: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -194,9 +195,11 @@ def lowtune_recipe(
     warmup: int,
     tokens_per_batch: int,
     profile: str | None = None,
+    checkpointing: str = "auto",
 ) -> Measurement:
     """lowtune's own training of the same job: the same LoRA and learning rate, batches of `tokens_per_batch`
-    tokens, and whatever `lowtune train` picks on this machine (packing, attention, kernels, loss)."""
+    tokens, and whatever `lowtune train` picks on this machine (packing, attention, kernels, loss, and checkpointing
+    unless `checkpointing` sets train.gradient_checkpointing)."""
     profiled = 2 if profile else 0  # profiled steps come after the timed ones: the profiler slows them
     train = TrainSettings(
         max_steps=steps + profiled,
@@ -205,7 +208,7 @@ def lowtune_recipe(
         logging_steps=1,
         save_steps=0,
         scheduler="linear",
-        gradient_checkpointing=True,
+        gradient_checkpointing=checkpointing,
     )
     config = RunConfig(
         lora=LoraSettings(r=8, alpha=32, dropout=0.1, target_modules=SEVEN_PROJECTIONS),
@@ -215,12 +218,14 @@ def lowtune_recipe(
     config.model.precision = "bf16"
     config.model.quantization = quantization
     lengths = [len(row["input_ids"]) for row in rows]
-    plan = plan_run(config, model.config.to_dict(), lengths, packed=True, checkpointing=True)
-    model = attach_lora(model, config.lora, gradient_checkpointing=True)
+    checkpointing = choose_checkpointing(config, model.config.to_dict(), lengths, packed=True)
+    plan = plan_run(config, model.config.to_dict(), lengths, packed=True, checkpointing=checkpointing)
+    model = attach_lora(model, config.lora, checkpointing)
     trainer = build_trainer(config, model, tokenizer, rows)
     same_loss = same_samples_loss(trainer.model, rows[:SAME_SAMPLES], trainer.data_collator, 8)
     if profile:
         trainer.add_callback(ProfileSteps(profile, start=steps, count=profiled))
     measured = timed_training("lowtune", quantization, trainer, warmup, steps, same_loss)
     measured.planned_peak_gib = plan.total / 2**30
+    measured.checkpointing = checkpointing
     return measured

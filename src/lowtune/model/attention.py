@@ -51,7 +51,8 @@ def varlen_attention_forward(
 
     if cu_seq_lens_q is None or query.shape[0] != 1:
         raise ValueError(f"{VARLEN} attention needs packed rows (PackedCollator): got no cu_seq_lens_q")
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, D)
+    # squeeze, not [0]: the gradient of a view comes back as a view, where select's is a zeroed copy (3 per layer).
+    q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))  # (T, heads, D)
     out = varlen_attn(
         q,
         k,

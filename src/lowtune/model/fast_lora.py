@@ -90,13 +90,14 @@ class LoRAGroup(torch.autograd.Function):
             a_part = a[:, start : start + rank]
             grad_bs.append(scale * (grad.T @ a_part))  # (out, r)
             torch.mm(grad, b_weight.to(dtype), out=grad_a[:, start : start + rank]).mul_(scale)
-            base_grad = grad @ dense_weight(base, dtype)  # (N, in)
-            grad_x = base_grad if grad_x is None else grad_x.add_(base_grad)
+            weight = dense_weight(base, dtype)  # (out, in)
+            # The products accumulate into grad_x (N, in) inside the matmul: no (N, in) temporary, no add kernel.
+            grad_x = grad @ weight if grad_x is None else grad_x.addmm_(grad, weight)
             start += rank
-        grad_lora_input = grad_a @ a_all  # (N, in)
-        if keep is not None:
-            grad_lora_input = torch.ops.aten.native_dropout_backward(grad_lora_input, keep, 1 / (1 - ctx.dropout))
-        grad_x.add_(grad_lora_input)
+        if keep is None:
+            grad_x.addmm_(grad_a, a_all)
+        else:  # dropout's backward (keep x 1/(1-p)) and the sum in one pass
+            grad_x.addcmul_(grad_a @ a_all, keep, value=1 / (1 - ctx.dropout))
         grad_a_all = grad_a.T @ x_lora  # (sum r, in)
         grads: list[torch.Tensor] = []
         start = 0

@@ -11,11 +11,12 @@ from transformers import PreTrainedModel
 from lowtune.config import LoraSettings
 from lowtune.errors import UserError
 from lowtune.model import qwen1
+from lowtune.model.checkpointing import Checkpointing, enable_checkpointing
 
 log = logging.getLogger(__name__)
 
 
-def attach_lora(model: PreTrainedModel, settings: LoraSettings, gradient_checkpointing: bool) -> PeftModel:
+def attach_lora(model: PreTrainedModel, settings: LoraSettings, checkpointing: Checkpointing) -> PeftModel:
     """Wraps `model` with trainable LoRA adapters; the base stays frozen (and quantized, if it was)."""
     targets = settings.target_modules
     if qwen1.is_converted_qwen1(model.config):
@@ -26,10 +27,7 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings, gradient_checkpo
                 ", ".join(f"{old} -> {'/'.join(new)}" for old, new in mapping.items()),
             )
     _check_targets(model, targets)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # Checkpointed blocks need an input that requires grad, or no gradient reaches the adapters.
-        model.enable_input_require_grads()
+    enable_checkpointing(model, checkpointing)
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=settings.r,

@@ -33,6 +33,7 @@ from lowtune.eval.inspect import analyse_examples
 from lowtune.eval.report import write_report
 from lowtune.model import qwen1
 from lowtune.model.attention import VARLEN
+from lowtune.model.checkpointing import Checkpointing
 from lowtune.model.load import check_quantization_possible, load_tokenizer, load_weights, resolve_model_path
 from lowtune.model.lora import attach_lora
 from lowtune.model.summary import summary_table
@@ -157,7 +158,7 @@ def train_or_explain(trainer: LowtuneTrainer, checkpoint: Path | None, plan: Mem
         raise RunStopped(
             f"out of GPU memory (lowtune plan predicted a peak of {plan.total / GIB:.1f} GiB for "
             f"{plan.tokens:,} tokens per micro-batch).\n  fix: lower train.tokens_per_batch or train.batch_size "
-            "(raise train.gradient_accumulation to keep the batch), set train.gradient_checkpointing: true, "
+            "(raise train.gradient_accumulation to keep the batch), set train.gradient_checkpointing: offload, "
             "or quantize the base (model.quantization: 4bit)"
         ) from None
     stop = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GracefulStop))
@@ -171,7 +172,7 @@ def train_or_explain(trainer: LowtuneTrainer, checkpoint: Path | None, plan: Mem
     return result
 
 
-def plan_for(config: RunConfig, setup: Setup) -> tuple[bool, MemoryPlan]:
+def plan_for(config: RunConfig, setup: Setup) -> tuple[Checkpointing, MemoryPlan]:
     """Gradient checkpointing as chosen for this run, and the run's memory plan."""
     model_config = read_model_config(resolve_model_path(config.model.path))
     packed = resolve_packing(config.train.packing)

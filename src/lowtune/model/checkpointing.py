@@ -1,0 +1,133 @@
+"""Gradient checkpointing of the decoder layers, with the layer inputs optionally held in pinned host memory.
+
+With checkpointing, autograd keeps one tensor per decoder layer between the forward and the backward pass: the
+layer's input (tokens x hidden, bf16), from which the layer is recomputed. For a 7B model at 16k tokens that is
+32 x 16k x 4096 x 2 B = 4 GiB of GPU memory. `offload` keeps those inputs in pinned host memory instead:
+
+- forward: once the compute stream has queued layer i's input, a side stream copies it to the host while layer i
+  computes; the allocator reuses its GPU block only after the copy (`record_stream`).
+- backward: when layer i's recomputation asks for its input, the side stream starts bringing back layer i-1's, so
+  that it is on the GPU before layer i's backward ends; the compute stream waits on an event for each input.
+So at most two layer inputs are on the GPU at any time (see `train/memory.py`).
+
+Non-reentrant `torch.utils.checkpoint` saves a layer's inputs through the saved-tensor hooks in force around the
+call (what the layer saves inside goes through the checkpoint's own, innermost hooks), so hooks around each
+checkpointed call see exactly the layer inputs. Written here rather than taken from torch because
+`torch.autograd.graph.save_on_cpu` (which transformers' own `offload=True` uses) copies on the compute stream, waits
+on the host for every copy and prefetches nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from torch.autograd.graph import saved_tensors_hooks
+from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+log = logging.getLogger(__name__)
+
+Checkpointing = Literal["off", "on", "offload"]  # "on": the layer inputs stay on the GPU
+
+
+def enable_checkpointing(model: PreTrainedModel, checkpointing: Checkpointing) -> ActivationOffloader | None:
+    """Checkpoints every decoder layer of `model` (non-reentrant); with "offload", their inputs wait on the host.
+
+    Returns the offloader, which counts what it moved, or None when nothing is offloaded.
+    """
+    if checkpointing == "off":
+        return None
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Checkpointed blocks need an input that requires grad, or no gradient reaches the adapters.
+    model.enable_input_require_grads()
+    if checkpointing == "on":
+        return None
+    offloader = ActivationOffloader(next(model.parameters()).device)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for layer in layers:
+        # transformers runs each checkpointed layer through this attribute: checkpoint(forward, *args).
+        layer._gradient_checkpointing_func = partial(offloader.checkpoint, layer._gradient_checkpointing_func)
+    log.info("gradient checkpointing: the inputs of %d decoder layers wait in %s memory", len(layers), offloader.where)
+    return offloader
+
+
+class _HostCopy:
+    """One offloaded tensor: its host copy, the copy of the tensor saved just before it, and its way back."""
+
+    __slots__ = ("host", "previous", "on_device", "ready", "__weakref__")
+
+    def __init__(self, host: torch.Tensor, previous: weakref.ref[_HostCopy] | None):
+        self.host = host
+        self.previous = previous  # weak: a copy lives as long as autograd keeps it, no longer
+        self.on_device: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+
+
+class ActivationOffloader:
+    """Saved-tensor hooks that keep the tensors saved on `device` in host memory until the backward pass.
+
+    On CUDA the host memory is pinned and the copies run on a side stream (see the module's docstring). On the CPU
+    the "host copy" is a plain copy within host memory: it saves nothing there, and exists so that the CPU runs the
+    same bookkeeping (order, prefetch, hand-over) as the GPU.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.where = "pinned host" if self.stream is not None else "host (CPU: a plain copy, nothing saved)"
+        self.offloaded = 0  # tensors moved so far
+        self.fetched = 0  # tensors brought back so far
+        self._last: weakref.ref[_HostCopy] | None = None
+
+    def checkpoint(self, checkpoint: Callable[..., Any], function: Callable[..., Any], *args: Any, **kwargs: Any):
+        """`checkpoint(function, *args, **kwargs)`, with the inputs it saves for the recomputation offloaded."""
+        with saved_tensors_hooks(self._pack, self._unpack):
+            return checkpoint(function, *args, **kwargs)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor | _HostCopy:
+        if tensor.device != self.device or tensor.numel() == 0:
+            return tensor  # the checkpoint's own empty marker, or anything not on the training device
+        if self.stream is None:
+            copy = _HostCopy(tensor.detach().clone(), self._last)
+        else:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the tensor is written there
+            with torch.cuda.stream(self.stream):
+                host.copy_(tensor.detach(), non_blocking=True)
+            tensor.record_stream(self.stream)  # its GPU block is reused only once the copy is done
+            copy = _HostCopy(host, self._last)
+        self._last = weakref.ref(copy)
+        self.offloaded += 1
+        return copy
+
+    def _unpack(self, saved: torch.Tensor | _HostCopy) -> torch.Tensor:
+        if isinstance(saved, torch.Tensor):
+            return saved
+        self._fetch(saved)
+        previous = saved.previous() if saved.previous is not None else None
+        if previous is not None:
+            self._fetch(previous)  # the layer before is recomputed next: its input travels while this one runs
+        if saved.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(saved.ready)
+        tensor, saved.on_device = saved.on_device, None  # handed over: freed once autograd is done with it
+        return tensor
+
+    def _fetch(self, copy: _HostCopy) -> None:
+        """Starts bringing `copy` back to the device (once)."""
+        if copy.on_device is not None:
+            return
+        self.fetched += 1
+        if self.stream is None:
+            copy.on_device = copy.host
+            return
+        compute = torch.cuda.current_stream(self.device)
+        copy.on_device = torch.empty_like(copy.host, device=self.device)  # a block of the compute stream...
+        self.stream.wait_stream(compute)  # ...which the side stream may write only after its last use there
+        with torch.cuda.stream(self.stream):
+            copy.on_device.copy_(copy.host, non_blocking=True)
+            copy.ready = self.stream.record_event()
