@@ -141,17 +141,28 @@ def bench(
     layers: Annotated[int | None, typer.Option("--layers", help="Fewer layers: a quick check, not recorded.")] = None,
     results: Annotated[Path, typer.Option("--results", help="JSON lines to append to.")] = Path("bench/results.jsonl"),
     profile: Annotated[Path | None, typer.Option("--profile", help="Folder for torch.profiler tables.")] = None,
+    checkpointing: Annotated[
+        str,
+        typer.Option(
+            "--checkpointing",
+            help="lowtune's train.gradient_checkpointing: auto (what lowtune train picks on this GPU), offload, "
+            "true or false. offload races Unsloth at its own memory policy.",
+        ),
+    ] = "auto",
 ) -> None:
     """Race the tutorial's recipe and lowtune's (and a peer's) on a Qwen-7B-shaped model, on this GPU."""
-    from lowtune.bench.run import QUANTIZATIONS, run_bench
+    from lowtune.bench.run import CHECKPOINTING_SETTINGS, QUANTIZATIONS, run_bench
 
     chosen = [mode.strip() for mode in modes.split(",") if mode.strip()]
     unknown = [mode for mode in chosen if mode not in QUANTIZATIONS]
-    if unknown or (peer not in (None, "unsloth")):
+    if unknown or (peer not in (None, "unsloth")) or checkpointing not in CHECKPOINTING_SETTINGS:
         raise UserError.one(
-            f"unknown --modes {unknown} or --peer {peer!r}", fix="modes: 4bit, 8bit, none; peer: unsloth"
+            f"unknown --modes {unknown}, --peer {peer!r} or --checkpointing {checkpointing!r}",
+            fix=f"modes: 4bit, 8bit, none; peer: unsloth; checkpointing: {', '.join(CHECKPOINTING_SETTINGS)}",
         )
-    run_bench(chosen, steps, warmup, tokens_per_batch, peer, layers, results, Console(width=150), profile)
+    run_bench(
+        chosen, steps, warmup, tokens_per_batch, peer, layers, results, Console(width=150), profile, checkpointing
+    )
 
 
 @app.command("config")

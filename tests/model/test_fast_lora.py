@@ -101,3 +101,26 @@ def test_layers_that_do_not_fit_are_left_to_peft(tiny_qwen2):
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert fuse_lora(model) == 0
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_group_saves_what_the_memory_plan_counts(dropout):
+    """train/memory.py counts, per token, the group's input (2 bytes a feature) without dropout, and with it the
+    dropped copy and its mask (3 bytes) but not the input: autograd must keep exactly those rows."""
+    tokens, features = 64, 32
+    x = torch.randn(tokens, features, dtype=torch.bfloat16, requires_grad=True)
+    bases = [torch.nn.Linear(features, 16, dtype=torch.bfloat16).requires_grad_(False) for _ in range(2)]
+    lora = []
+    for base in bases:
+        lora += [torch.randn(4, features, requires_grad=True), torch.zeros(base.out_features, 4, requires_grad=True)]
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        LoRAGroup.apply(x, dropout, True, bases, [2.0, 2.0], *lora)
+    per_token_rows = [t for t in saved if t.shape == (tokens, features)]  # the (N, in) tensors, not weights or A x
+    per_token_bytes = sum(t.element_size() for t in per_token_rows) * features
+    assert per_token_bytes == (3 if dropout else 2) * features  # the input as well would make it 5 with dropout

@@ -26,6 +26,7 @@ from lowtune.train.allocator import EXPANDABLE_SEGMENTS
 from lowtune.train.memory import device_name
 
 QUANTIZATIONS = ("4bit", "8bit", "none")
+CHECKPOINTING_SETTINGS = ("auto", "offload", "true", "false")  # lowtune's train.gradient_checkpointing
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "unsloth")
 
 
@@ -39,6 +40,7 @@ def run_bench(
     results: Path,
     console: Console,
     profile_dir: Path | None = None,
+    checkpointing: str = "auto",
 ) -> list[dict[str, Any]]:
     if not torch.cuda.is_available():
         raise UserError.one("lowtune bench measures GPU training and needs a CUDA device")
@@ -49,7 +51,9 @@ def run_bench(
         for recipe in recipes:
             console.print(f"[bold]{quantization}: {recipe}[/]")
             profile = profile_dir / f"profile-{quantization}.txt" if profile_dir and recipe == "lowtune" else None
-            measured[recipe] = _measure(recipe, quantization, steps, warmup, tokens_per_batch, layers, console, profile)
+            measured[recipe] = _measure(
+                recipe, quantization, steps, warmup, tokens_per_batch, layers, console, profile, checkpointing
+            )
         lines.append(_result_line(quantization, measured, steps, tokens_per_batch, layers))
     console.print(results_table(lines))
     if layers is None:  # cut-down models are for checking the bench, not for the record
@@ -69,6 +73,7 @@ def _measure(
     layers: int | None,
     console: Console,
     profile: Path | None = None,
+    checkpointing: str = "auto",
 ) -> dict[str, Any] | None:
     command = [
         sys.executable,
@@ -85,6 +90,7 @@ def _measure(
     ]
     command += ["--layers", str(layers)] if layers else []
     command += ["--profile", str(profile)] if profile else []
+    command += ["--checkpointing", checkpointing] if recipe == "lowtune" else []
     environment = os.environ.copy()
     if recipe == "lowtune":  # lowtune's own choice (see cli.main), not imposed on the other recipes
         environment.setdefault("PYTORCH_CUDA_ALLOC_CONF", EXPANDABLE_SEGMENTS)
@@ -134,6 +140,7 @@ def results_table(lines: list[dict[str, Any]]) -> Table:
         "plan GiB",
         "loss, same 64 records",
         "tokens/step",
+        "checkpointing",
     )
     for column in columns:
         table.add_column(column, justify="right" if column not in ("mode", "recipe") else "left")
@@ -141,7 +148,7 @@ def results_table(lines: list[dict[str, Any]]) -> Table:
         seed = line["measurements"].get("tutorial")
         for recipe, values in line["measurements"].items():
             if values is None:
-                table.add_row(line["quantization"], recipe, "failed", "", "", "", "", "")
+                table.add_row(line["quantization"], recipe, "failed", *[""] * (len(columns) - 3))
                 continue
             ratio = f"{values['tokens_per_second'] / seed['tokens_per_second']:.1f}x" if seed else ""
             table.add_row(
@@ -153,6 +160,7 @@ def results_table(lines: list[dict[str, Any]]) -> Table:
                 f"{values['planned_peak_gib']:.1f}" if values.get("planned_peak_gib") else "",
                 f"{values['loss_same_samples']:.4f}" if values.get("loss_same_samples") is not None else "",
                 f"{values['tokens_per_step']:,.0f}",
+                values.get("checkpointing") or "",
             )
     return table
 

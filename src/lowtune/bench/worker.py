@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-batch", type=int, default=16384)
     parser.add_argument("--layers", type=int, default=None, help="fewer layers, for a quick check")
     parser.add_argument("--profile", default=None, help="write a torch.profiler table of two steps here")
+    parser.add_argument("--checkpointing", default="auto", help="lowtune's train.gradient_checkpointing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     tokenizer = build_qwen_tokenizer()
@@ -55,7 +56,15 @@ def main() -> None:
             result = tutorial_recipe(model, tokenizer, rows, args.quantization, args.steps, args.warmup)
         else:
             result = lowtune_recipe(
-                model, tokenizer, rows, args.quantization, args.steps, args.warmup, args.tokens_per_batch, args.profile
+                model,
+                tokenizer,
+                rows,
+                args.quantization,
+                args.steps,
+                args.warmup,
+                args.tokens_per_batch,
+                args.profile,
+                args.checkpointing,
             )
     print(json.dumps(result.to_dict()), flush=True)
 
