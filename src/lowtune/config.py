@@ -151,8 +151,9 @@ class TrainSettings(_Section):
         description="Recompute each decoder layer in the backward pass instead of keeping its activations. true: "
         "the layer inputs kept for that stay on the GPU; offload: they wait in pinned host memory, copied on a side "
         "stream while the GPU computes (on the CPU a plain copy, which saves nothing); false: keep every activation. "
-        "auto: off when the run fits in 90% of the GPU without it, else offload when the host has room for the "
-        "layer inputs, else true; off on the CPU.",
+        "auto: off when the run fits in 90% of the GPU without it, else only as many of the first layers as make it "
+        "fit (the last ones keep their activations), their inputs offloaded when the host has room for them; off "
+        "on the CPU.",
     )
     logging_steps: int = Field(10, gt=0, description="Log loss and learning rate every N steps.")
     eval_steps: int | None = Field(

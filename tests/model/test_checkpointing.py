@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM
 
 from lowtune.config import LoraSettings
-from lowtune.model.checkpointing import ActivationOffloader, enable_checkpointing
+from lowtune.model.checkpointing import ActivationOffloader, Checkpointing, enable_checkpointing
 from lowtune.model.lora import attach_lora
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -38,8 +38,8 @@ def loss_and_lora_grads(folder, checkpointing, device):
 
 
 def test_offload_gives_the_loss_and_lora_gradients_of_plain_checkpointing(tiny_qwen2):
-    loss_on, grads_on, _ = loss_and_lora_grads(tiny_qwen2, "on", DEVICE)
-    loss_offload, grads_offload, model = loss_and_lora_grads(tiny_qwen2, "offload", DEVICE)
+    loss_on, grads_on, _ = loss_and_lora_grads(tiny_qwen2, Checkpointing("on"), DEVICE)
+    loss_offload, grads_offload, model = loss_and_lora_grads(tiny_qwen2, Checkpointing("offload"), DEVICE)
     # GPU kernels (attention's backward) may sum in another order from run to run.
     same = torch.equal if DEVICE == "cpu" else partial(torch.allclose, rtol=1e-4, atol=1e-6)
     assert same(loss_offload, loss_on)
@@ -71,9 +71,24 @@ def test_each_recomputation_finds_the_input_of_the_layer_before_on_its_way():
     torch.testing.assert_close(x.grad, expected)
 
 
-@pytest.mark.parametrize(("checkpointing", "offloaded"), [("off", False), ("on", False), ("offload", True)])
-def test_enable_checkpointing_modes(tiny_qwen2, checkpointing, offloaded):
+@pytest.mark.parametrize(
+    ("checkpointing", "checkpointed", "offloaded"),
+    [("off", [False, False], None), ("on", [True, True], None), ("offload", [True, True], 2)],
+)
+def test_enable_checkpointing_modes(tiny_qwen2, checkpointing, checkpointed, offloaded):
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
-    offloader = enable_checkpointing(model, checkpointing)
-    assert (offloader is not None) == offloaded
-    assert all(layer.gradient_checkpointing == (checkpointing != "off") for layer in model.model.layers)
+    offloader = enable_checkpointing(model, Checkpointing(checkpointing))
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == checkpointed
+    assert (offloader is not None) == (offloaded is not None)
+
+
+def test_checkpointing_the_first_layer_only_gives_the_same_loss_and_gradients(tiny_qwen2):
+    loss_all, grads_all, _ = loss_and_lora_grads(tiny_qwen2, Checkpointing("offload"), "cpu")
+    loss_first, grads_first, model = loss_and_lora_grads(tiny_qwen2, Checkpointing("offload", 1), "cpu")
+    layers = model.get_base_model().model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]  # the last layer is kept whole
+    assert torch.equal(loss_first, loss_all)
+    for name, grad in grads_all.items():
+        assert torch.equal(grads_first[name], grad), name
+    offloader = layers[0]._gradient_checkpointing_func.func.__self__
+    assert (offloader.offloaded, offloader.fetched) == (1, 1)  # only the checkpointed layer's input

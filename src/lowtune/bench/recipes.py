@@ -227,5 +227,5 @@ def lowtune_recipe(
         trainer.add_callback(ProfileSteps(profile, start=steps, count=profiled))
     measured = timed_training("lowtune", quantization, trainer, warmup, steps, same_loss)
     measured.planned_peak_gib = plan.total / 2**30
-    measured.checkpointing = checkpointing
+    measured.checkpointing = checkpointing.describe(model.config.num_hidden_layers)
     return measured

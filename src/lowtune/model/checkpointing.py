@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
@@ -32,27 +33,53 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 log = logging.getLogger(__name__)
 
-Checkpointing = Literal["off", "on", "offload"]  # "on": the layer inputs stay on the GPU
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Which decoder layers recompute their activations in the backward pass, and where their inputs wait.
+
+    `layers` counts from the first layer: the last ones keep their activations, and the backward pass, which meets
+    them first, frees those before it recomputes any layer. So a run that nearly fits recomputes only what it must.
+    """
+
+    mode: Literal["off", "on", "offload"]  # "on": the inputs stay on the GPU; "offload": in pinned host memory
+    layers: int | None = None  # None: every decoder layer
+
+    def checkpointed(self, total: int) -> int:
+        """How many of `total` decoder layers are checkpointed."""
+        return 0 if self.mode == "off" else total if self.layers is None else min(self.layers, total)
+
+    def describe(self, total: int) -> str:
+        if self.mode == "off":
+            return "off"
+        where = "GPU" if self.mode == "on" else "host"
+        count = self.checkpointed(total)
+        return f"on, {'all ' if count == total else ''}{count} of {total} layers, inputs on the {where}"
 
 
 def enable_checkpointing(model: PreTrainedModel, checkpointing: Checkpointing) -> ActivationOffloader | None:
-    """Checkpoints every decoder layer of `model` (non-reentrant); with "offload", their inputs wait on the host.
+    """Checkpoints the first `checkpointing.layers` decoder layers of `model` (non-reentrant); with "offload", their
+    inputs wait on the host.
 
     Returns the offloader, which counts what it moved, or None when nothing is offloaded.
     """
-    if checkpointing == "off":
+    if checkpointing.mode == "off":
         return None
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Checkpointed blocks need an input that requires grad, or no gradient reaches the adapters.
     model.enable_input_require_grads()
-    if checkpointing == "on":
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    count = checkpointing.checkpointed(len(layers))
+    for layer in layers[count:]:
+        layer.gradient_checkpointing = False
+    log.info("gradient checkpointing: %s", checkpointing.describe(len(layers)))
+    if checkpointing.mode == "on":
         return None
     offloader = ActivationOffloader(next(model.parameters()).device)
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
-    for layer in layers:
+    for layer in layers[:count]:
         # transformers runs each checkpointed layer through this attribute: checkpoint(forward, *args).
         layer._gradient_checkpointing_func = partial(offloader.checkpoint, layer._gradient_checkpointing_func)
-    log.info("gradient checkpointing: the inputs of %d decoder layers wait in %s memory", len(layers), offloader.where)
+    log.info("gradient checkpointing: the inputs of %d decoder layers wait in %s memory", count, offloader.where)
     return offloader
 
 

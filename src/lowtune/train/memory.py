@@ -5,10 +5,10 @@ Counted from the model's config.json and the run config, part by part:
   scales with double quantization, else an fp32 scale per 64; LLM.int8: 8 bits + an fp32 scale per row), every other
   weight (embeddings, head, norms, biases) in `precision`;
 - adapters: fp32 LoRA weights, their gradients and AdamW's two moments (16 bytes a weight);
-- checkpoints: with gradient checkpointing, every decoder layer's input (hidden x 2 bytes a token); offloaded to the
-  host, only the two in flight (the layer being recomputed and the next one's, prefetched);
-- activations: what autograd keeps for one layer (recomputed in the backward pass with checkpointing, all of them
-  without), from the tensors each operation saves (see `_saved_bytes_per_token`);
+- checkpoints: with gradient checkpointing, every checkpointed decoder layer's input (hidden x 2 bytes a token);
+  offloaded to the host, only the two in flight (the layer being recomputed and the next one's, prefetched);
+- activations: what autograd keeps for each layer that is not checkpointed, or for the one being recomputed, from
+  the tensors each operation saves (see `_saved_bytes_per_token`), and what a layer's backward pass adds;
 - loss: the hidden states and their gradient for the labelled tokens (the logits are chunked and never whole).
 """
 
@@ -19,14 +19,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.table import Table
 
 from lowtune.config import RunConfig
-
-if TYPE_CHECKING:
-    from lowtune.model.checkpointing import Checkpointing
+from lowtune.model.checkpointing import Checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +32,7 @@ GIB = 2**30
 BF16 = 2
 PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 LAYER_INPUTS_IN_FLIGHT = 2  # offloaded: the input of the layer in its backward pass, and the next one's, prefetched
-CHECKPOINTING_SHOWN = {"off": "off", "on": "on, layer inputs on the GPU", "offload": "on, layer inputs on the host"}
+OFF = Checkpointing("off")
 
 
 @dataclass(frozen=True)
@@ -89,6 +87,7 @@ class MemoryPlan:
     loss: float
     tokens: int
     checkpointing: Checkpointing
+    layers: int
     host: float = 0.0  # pinned host memory that holds the offloaded layer inputs
 
     @property
@@ -102,7 +101,7 @@ class MemoryPlan:
         table.add_row("tokens per micro-batch", f"{self.tokens:,}")
         for name in ("weights", "adapters", "checkpoints", "activations", "loss"):
             table.add_row(name, f"{getattr(self, name) / GIB:.2f} GiB")
-        table.add_row("gradient checkpointing", CHECKPOINTING_SHOWN[self.checkpointing])
+        table.add_row("gradient checkpointing", self.checkpointing.describe(self.layers))
         if self.host:
             table.add_row("layer inputs in pinned host memory", f"{self.host / GIB:.2f} GiB")
         table.add_row("peak", f"{self.total / GIB:.2f} GiB")
@@ -128,7 +127,10 @@ def plan_memory(
     # at 16k tokens, with and without checkpointing (bench/NOTES.md).
     backward_bytes = 3 * shape.intermediate * BF16 * tokens
     layer_input = tokens * shape.hidden * BF16
-    on_gpu = {"off": 0, "on": shape.layers, "offload": min(shape.layers, LAYER_INPUTS_IN_FLIGHT)}[checkpointing]
+    checkpointed = checkpointing.checkpointed(shape.layers)
+    on_gpu = checkpointed if checkpointing.mode == "on" else min(checkpointed, LAYER_INPUTS_IN_FLIGHT)
+    # The layers kept whole are the last ones: their activations are gone before the first recomputation.
+    layers_alive = max(shape.layers - checkpointed, 1 if checkpointed else 0)
     return MemoryPlan(
         weights=_weight_bytes(shape, quantization, precision, double_quant),
         adapters=16
@@ -136,11 +138,12 @@ def plan_memory(
         * sum(i + o for name, (i, o) in shape.projections().items() if name in targets)
         * shape.layers,
         checkpoints=on_gpu * layer_input,
-        activations=(layer_bytes if checkpointing != "off" else layer_bytes * shape.layers) + backward_bytes,
+        activations=layers_alive * layer_bytes + backward_bytes,
         loss=2 * tokens * shape.hidden * BF16,
         tokens=tokens,
         checkpointing=checkpointing,
-        host=shape.layers * layer_input if checkpointing == "offload" else 0.0,
+        layers=shape.layers,
+        host=checkpointed * layer_input if checkpointing.mode == "offload" else 0.0,
     )
 
 
@@ -234,20 +237,25 @@ def plan_run(
 def choose_checkpointing(
     config: RunConfig, model_config: dict[str, Any], lengths: list[int], packed: bool
 ) -> Checkpointing:
-    """train.gradient_checkpointing; auto: off when the run fits in 90% of the GPU without it, else offload when the
-    host has room for the layer inputs (as fast as keeping them on the GPU, 3.7 GiB less at 16k tokens on a 7B model:
-    bench/NOTES.md), else on."""
+    """train.gradient_checkpointing (true, false, offload: every decoder layer); auto: off when the run fits in 90%
+    of the GPU without it, else as few layers as make it fit (each one recomputed costs time), their inputs offloaded
+    when the host has room for them (as fast as keeping them on the GPU, 3.7 GiB less at 16k tokens on a 7B model:
+    bench/NOTES.md)."""
     import torch
 
     setting = config.train.gradient_checkpointing
     if setting == "offload" and not torch.cuda.is_available():
         log.info("gradient checkpointing offload on the CPU: the layer inputs are copied within host memory (no gain)")
     if setting != "auto":
-        return "offload" if setting == "offload" else "on" if setting else "off"
+        return Checkpointing("offload" if setting == "offload" else "on" if setting else "off")
     if not torch.cuda.is_available():
         log.info("gradient checkpointing auto: off (CPU: memory is rarely the limit, recomputation costs time)")
-        return "off"
-    without = plan_run(config, model_config, lengths, packed, "off").total
+        return OFF
+
+    def plan(checkpointing: Checkpointing) -> MemoryPlan:
+        return plan_run(config, model_config, lengths, packed, checkpointing)
+
+    without = plan(OFF).total
     budget = 0.9 * torch.cuda.mem_get_info()[1]
     if without <= budget:
         log.info(
@@ -255,14 +263,19 @@ def choose_checkpointing(
             without / GIB,
             budget / GIB,
         )
-        return "off"
-    layer_inputs, room = plan_run(config, model_config, lengths, packed, "offload").host, host_room()
-    choice: Checkpointing = "offload" if layer_inputs <= room else "on"
+        return OFF
+    layer_inputs, room = plan(Checkpointing("offload")).host, host_room()
+    mode = "offload" if layer_inputs <= room else "on"
+    total = Shape.from_config(model_config).layers
+    fitting = (count for count in range(1, total) if plan(Checkpointing(mode, count)).total <= budget)
+    count = next(fitting, total)
+    choice = Checkpointing(mode, None if count == total else count)
     log.info(
-        "gradient checkpointing auto: %s (planned peak without it %.1f GiB, GPU budget %.1f GiB; layer inputs "
-        "%.1f GiB, room in host memory %.1f GiB)",
-        CHECKPOINTING_SHOWN[choice],
+        "gradient checkpointing auto: %s (planned peak without it %.1f GiB, with it %.1f GiB, GPU budget %.1f GiB; "
+        "layer inputs %.1f GiB, room in host memory %.1f GiB)",
+        choice.describe(total),
         without / GIB,
+        plan(choice).total / GIB,
         budget / GIB,
         layer_inputs / GIB,
         room / GIB,
