@@ -24,7 +24,7 @@ from lowtune.bench.worker import tutorial_rows
 from lowtune.config import LoraSettings, RunConfig, TrainSettings
 from lowtune.model.lora import attach_lora
 from lowtune.model.qwen_tokenizer import build_qwen_tokenizer
-from lowtune.train.memory import choose_checkpointing
+from lowtune.train.memory import plan_run
 from lowtune.train.trainer import build_trainer
 
 VARIANTS = {  # name: (train overrides, lora dropout)
@@ -57,7 +57,7 @@ def run_variant(model, tokenizer, rows, name, overrides, dropout, steps, profile
         output_dir=tempfile.mkdtemp(),
     )
     lengths = [len(row["input_ids"]) for row in rows]
-    peft_model = attach_lora(model, config.lora, choose_checkpointing(config, model.config.to_dict(), lengths, True))
+    peft_model = attach_lora(model, config.lora, plan_run(config, model.config.to_dict(), lengths, True).checkpointing)
     trainer = build_trainer(config, peft_model, tokenizer, rows)
     clock = WallClock()
     step = trainer.training_step

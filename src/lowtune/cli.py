@@ -125,7 +125,7 @@ def plan(
 
     overrides = [f"model.path={model}"] if model else []
     run_config = load_config(config, overrides + (set_ or []))
-    _, memory_plan = plan_for(run_config, prepare(run_config, check_output=False))
+    memory_plan = plan_for(run_config, prepare(run_config, check_output=False))
     Console().print(memory_plan.table())
 
 

@@ -13,7 +13,7 @@ from lowtune.bench.model import QWEN_7B_SHAPE
 from lowtune.config import RunConfig
 from lowtune.model.checkpointing import Checkpointing
 from lowtune.train import memory
-from lowtune.train.memory import GIB, choose_checkpointing, plan_memory, plan_run
+from lowtune.train.memory import GIB, plan_memory, plan_run, run_planner
 
 QWEN_7B = QWEN_7B_SHAPE
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -63,11 +63,11 @@ def choose(monkeypatch, setting, gpu_gib=80, host_available_gib=100, cuda=True):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (0, gpu_gib * GIB))
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=host_available_gib * GIB))
-    return choose_checkpointing(config_with(setting), QWEN_7B, LENGTHS, packed=True)
+    return plan_run(config_with(setting), QWEN_7B, LENGTHS, packed=True).checkpointing
 
 
 def planned_peak(mode, layers):
-    return plan_run(config_with("auto"), QWEN_7B, LENGTHS, True, Checkpointing(mode, layers)).total
+    return run_planner(config_with("auto"), QWEN_7B, LENGTHS, True)(Checkpointing(mode, layers)).total
 
 
 @pytest.mark.parametrize(("setting", "expected"), [(True, "on"), (False, "off"), ("offload", "offload")])

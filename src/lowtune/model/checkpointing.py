@@ -72,14 +72,14 @@ def enable_checkpointing(model: PreTrainedModel, checkpointing: Checkpointing) -
     count = checkpointing.checkpointed(len(layers))
     for layer in layers[count:]:
         layer.gradient_checkpointing = False
-    log.info("gradient checkpointing: %s", checkpointing.describe(len(layers)))
     if checkpointing.mode == "on":
+        log.info("gradient checkpointing: %s", checkpointing.describe(len(layers)))
         return None
     offloader = ActivationOffloader(next(model.parameters()).device)
     for layer in layers[:count]:
         # transformers runs each checkpointed layer through this attribute: checkpoint(forward, *args).
         layer._gradient_checkpointing_func = partial(offloader.checkpoint, layer._gradient_checkpointing_func)
-    log.info("gradient checkpointing: the inputs of %d decoder layers wait in %s memory", count, offloader.where)
+    log.info("gradient checkpointing: %s (%s memory)", checkpointing.describe(len(layers)), offloader.where)
     return offloader
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,76 +212,77 @@ def largest_batch_tokens(
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def plan_run(
-    config: RunConfig, model_config: dict[str, Any], lengths: list[int], packed: bool, checkpointing: Checkpointing
-) -> MemoryPlan:
-    """The plan of a lowtune run: its model, quantization, LoRA, largest micro-batch and kernels."""
+def run_planner(
+    config: RunConfig, model_config: dict[str, Any], lengths: list[int], packed: bool
+) -> Callable[[Checkpointing], MemoryPlan]:
+    """The plan of a lowtune run (its model, quantization, LoRA, largest micro-batch and kernels) for any
+    checkpointing; the largest micro-batch is found once."""
     targets = config.lora.target_modules
     targets = ALL_PROJECTIONS if isinstance(targets, str) else targets  # all-linear (a regex: counted as all)
     train = config.train
     tokens = largest_batch_tokens(lengths, train.batch_size, train.tokens_per_batch, packed, train.seed)
     fused = train.fused_lora is not False and set(ALL_PROJECTIONS) <= set(targets)
-    return plan_memory(
-        model_config,
-        config.model.quantization,
-        config.model.precision,
-        config.model.double_quant,
-        config.lora.r,
-        list(targets),
-        tokens,
-        checkpointing,
-        config.lora.dropout,
-        fused,
-    )
+
+    def plan(checkpointing: Checkpointing) -> MemoryPlan:
+        return plan_memory(
+            model_config,
+            config.model.quantization,
+            config.model.precision,
+            config.model.double_quant,
+            config.lora.r,
+            list(targets),
+            tokens,
+            checkpointing,
+            config.lora.dropout,
+            fused,
+        )
+
+    return plan
 
 
-def choose_checkpointing(
-    config: RunConfig, model_config: dict[str, Any], lengths: list[int], packed: bool
-) -> Checkpointing:
-    """train.gradient_checkpointing (true, false, offload: every decoder layer); auto: off when the run fits in 90%
-    of the GPU without it, else as few layers as make it fit (each one recomputed costs time), their inputs offloaded
-    when the host has room for them (as fast as keeping them on the GPU, 3.7 GiB less at 16k tokens on a 7B model:
-    bench/NOTES.md)."""
+def plan_run(config: RunConfig, model_config: dict[str, Any], lengths: list[int], packed: bool) -> MemoryPlan:
+    """The run's plan, with the gradient checkpointing it will use (`plan.checkpointing`): train.gradient_checkpointing
+    (true, false, offload: every decoder layer); auto: off when the run fits in 90% of the GPU without it, else as few
+    layers as make it fit (each one recomputed costs time), their inputs offloaded when the host has room for them
+    (as fast as keeping them on the GPU, 3.7 GiB less at 16k tokens on a 7B model: bench/NOTES.md)."""
     import torch
 
+    plan = run_planner(config, model_config, lengths, packed)
     setting = config.train.gradient_checkpointing
     if setting == "offload" and not torch.cuda.is_available():
         log.info("gradient checkpointing offload on the CPU: the layer inputs are copied within host memory (no gain)")
     if setting != "auto":
-        return Checkpointing("offload" if setting == "offload" else "on" if setting else "off")
+        return plan(Checkpointing("offload" if setting == "offload" else "on" if setting else "off"))
     if not torch.cuda.is_available():
         log.info("gradient checkpointing auto: off (CPU: memory is rarely the limit, recomputation costs time)")
-        return OFF
+        return plan(OFF)
 
-    def plan(checkpointing: Checkpointing) -> MemoryPlan:
-        return plan_run(config, model_config, lengths, packed, checkpointing)
-
-    without = plan(OFF).total
+    without = plan(OFF)
     budget = 0.9 * torch.cuda.mem_get_info()[1]
-    if without <= budget:
+    if without.total <= budget:
         log.info(
             "gradient checkpointing auto: off (planned peak without it %.1f GiB, GPU budget %.1f GiB)",
-            without / GIB,
+            without.total / GIB,
             budget / GIB,
         )
-        return OFF
+        return without
     layer_inputs, room = plan(Checkpointing("offload")).host, host_room()
     mode = "offload" if layer_inputs <= room else "on"
     total = Shape.from_config(model_config).layers
     fitting = (count for count in range(1, total) if plan(Checkpointing(mode, count)).total <= budget)
     count = next(fitting, total)
-    choice = Checkpointing(mode, None if count == total else count)
+    chosen = plan(Checkpointing(mode, None if count == total else count))
     log.info(
         "gradient checkpointing auto: %s (planned peak without it %.1f GiB, with it %.1f GiB, GPU budget %.1f GiB; "
         "layer inputs %.1f GiB, room in host memory %.1f GiB)",
-        choice.describe(total),
-        without / GIB,
-        plan(choice).total / GIB,
+        chosen.checkpointing.describe(total),
+        without.total / GIB,
+        chosen.total / GIB,
         budget / GIB,
         layer_inputs / GIB,
         room / GIB,
     )
-    return choice
+    return chosen
 
 
 def host_room() -> float:

@@ -33,14 +33,12 @@ from lowtune.eval.inspect import analyse_examples
 from lowtune.eval.report import write_report
 from lowtune.model import qwen1
 from lowtune.model.attention import VARLEN
-from lowtune.model.checkpointing import Checkpointing
 from lowtune.model.load import check_quantization_possible, load_tokenizer, load_weights, resolve_model_path
 from lowtune.model.lora import attach_lora
 from lowtune.model.summary import summary_table
 from lowtune.train.memory import (
     GIB,
     MemoryPlan,
-    choose_checkpointing,
     device_name,
     peak_memory_gib,
     plan_run,
@@ -124,13 +122,13 @@ def run(
     elif overwrite:
         remove_checkpoints(output)
     remove_staging(output)
-    checkpointing, plan = plan_for(config, setup)
+    plan = plan_for(config, setup)
     log.info("planned peak GPU memory: %.1f GiB (lowtune plan shows the parts)", plan.total / GIB)
     model = load_weights(config.model)
     qwen1.warn_if_beyond_seq_length(model.config, max(setup.data.lengths), log)
     align_special_tokens(model, setup.tokenizer)
     set_seed(config.train.seed)  # the adapters' initial values too depend on the seed, not on what ran before
-    model = attach_lora(model, config.lora, checkpointing)
+    model = attach_lora(model, config.lora, plan.checkpointing)
     console.print(summary_table(model, title="Model with LoRA adapters"))
     trainer = build_trainer(
         config,
@@ -172,12 +170,10 @@ def train_or_explain(trainer: LowtuneTrainer, checkpoint: Path | None, plan: Mem
     return result
 
 
-def plan_for(config: RunConfig, setup: Setup) -> tuple[Checkpointing, MemoryPlan]:
-    """Gradient checkpointing as chosen for this run, and the run's memory plan."""
+def plan_for(config: RunConfig, setup: Setup) -> MemoryPlan:
+    """The run's memory plan, with the gradient checkpointing chosen for it."""
     model_config = read_model_config(resolve_model_path(config.model.path))
-    packed = resolve_packing(config.train.packing)
-    checkpointing = choose_checkpointing(config, model_config, setup.data.lengths, packed)
-    return checkpointing, plan_run(config, model_config, setup.data.lengths, packed, checkpointing)
+    return plan_run(config, model_config, setup.data.lengths, resolve_packing(config.train.packing))
 
 
 def write_run_report(output: Path, config: RunConfig, setup: Setup, trainer: Trainer) -> None:
