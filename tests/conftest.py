@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from lowtune.model.qwen_tokenizer import build_qwen_tokenizer
 
@@ -35,6 +35,16 @@ def tiny_qwen2(tmp_path_factory, qwen_tokenizer) -> Path:
     folder = tmp_path_factory.mktemp("tiny-qwen2")
     torch.manual_seed(0)
     Qwen2ForCausalLM(Qwen2Config(vocab_size=151936, **TINY)).save_pretrained(folder)
+    qwen_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory, qwen_tokenizer) -> Path:
+    """A Qwen3 model (head norms on queries and keys; head_dim 32, so the query is wider than hidden)."""
+    folder = tmp_path_factory.mktemp("tiny-qwen3")
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=151936, head_dim=32, **TINY)).save_pretrained(folder)
     qwen_tokenizer.save_pretrained(folder)
     return folder
 
@@ -87,7 +97,7 @@ def tiny_config(model: Path, data: Path, output: Path, **train: object):
         f"model.path={model}",
         f"data.files=[{data}]",
         f"output_dir={output}",
-        "model.precision=fp32",
+        "model.precision=fp32",  # exact comparisons and fast on every CPU
         "lora.r=8",
         "lora.alpha=16",
         "lora.dropout=0.0",
@@ -102,7 +112,7 @@ def tiny_config(model: Path, data: Path, output: Path, **train: object):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_qwen2) -> Path:
     """A finished lowtune run on the tiny Qwen2 model: adapter, tokenizer, chat format, config, checkpoints."""
-    from lowtune.train.recipe import run
+    from lowtune.recipe import run
 
     folder = tmp_path_factory.mktemp("tiny-run")
     data = write_jsonl(folder / "data.jsonl", MEMORISE)

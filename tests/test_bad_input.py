@@ -5,7 +5,6 @@ Each case goes through the real CLI (`lowtune.cli.main`), before any weight is l
 
 from __future__ import annotations
 
-import builtins
 import sys
 from pathlib import Path
 
@@ -87,14 +86,11 @@ def test_missing_model_folder(tmp_path, monkeypatch, capsys):
 
 
 def test_a_quantization_this_machine_cannot_do(tmp_path, tiny_qwen2, monkeypatch, capsys):
-    real_import = builtins.__import__
+    from dataclasses import replace
 
-    def without_bitsandbytes(name, *args, **kwargs):
-        if name == "bitsandbytes":
-            raise ImportError("no bitsandbytes here")
-        return real_import(name, *args, **kwargs)
+    from lowtune import machine
 
-    monkeypatch.setattr(builtins, "__import__", without_bitsandbytes)
+    monkeypatch.setattr(machine, "_DETECTED", replace(machine.this_machine(), packages=frozenset()))  # no bitsandbytes
     data = write_jsonl(tmp_path / "data.jsonl", MEMORISE)
     code, err = train_cli(monkeypatch, capsys, tmp_path, tiny_qwen2, data, "--set", "model.quantization=4bit")
     assert_clean_refusal(code, err, tmp_path / "run", "needs bitsandbytes")

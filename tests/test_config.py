@@ -40,7 +40,7 @@ def test_precedence_defaults_yaml_overrides(tmp_path):
     config = load_config(path, ["train.batch_size=16", "lora.target_modules=[q_proj, v_proj]", "data.system=你好"])
     assert config.train.learning_rate == 1e-3  # from the YAML
     assert config.train.batch_size == 16  # override beats YAML
-    assert config.train.epochs == 1.0  # default
+    assert config.train.epochs is None and config.model.precision == "auto"  # defaults
     assert config.lora.target_modules == ["q_proj", "v_proj"] and config.data.system == "你好"
 
 
@@ -56,7 +56,7 @@ def test_resolved_config_round_trips(tmp_path):
         ("lora:\n  r: 0\n", 2, "lora.r"),
         ("train:\n  lr: 0.1\n", 2, "unknown key 'train.lr'"),
         ("trian:\n  epochs: 1\n", 1, "unknown key 'trian'"),
-        ("model:\n  quantization: 8bit\n  compute_dtype: bf16\n", 1, "compute_dtype applies to 4bit"),
+        ("model:\n  quantization: 8bit\n  compute_dtype: bf16\n", 1, "compute_dtype applies to quantization: 4bit"),
         ("model: [1, 2]\n", 1, "model"),
         ("train:\n  epochs: [\n", 3, "not valid YAML"),
     ],

@@ -56,7 +56,7 @@ def train(
 ) -> None:
     """Fine-tune a LoRA adapter as CONFIG says (defaults: the embedded model and data)."""
     from lowtune.config import load_config
-    from lowtune.train.recipe import run
+    from lowtune.recipe import run
 
     overrides = [f"model.path={model}"] if model else []
     overrides += [f"data.files={_yaml_list(data)}"] if data else []
@@ -119,14 +119,16 @@ def plan(
     model: Annotated[str | None, typer.Option("--model", help="Override model.path.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any override: section.key=value.")] = None,
 ) -> None:
-    """Predict the run's peak GPU memory from config.json and the data, before loading any weight."""
+    """Every choice the run would make on this machine, and its peak GPU memory, before loading any weight."""
     from lowtune.config import load_config
-    from lowtune.train.recipe import plan_for, prepare
+    from lowtune.recipe import prepare
 
     overrides = [f"model.path={model}"] if model else []
-    run_config = load_config(config, overrides + (set_ or []))
-    memory_plan = plan_for(run_config, prepare(run_config, check_output=False))
-    Console().print(memory_plan.table())
+    resolved = prepare(load_config(config, overrides + (set_ or [])), check_output=False).resolved
+    console = Console()
+    console.print(resolved.table())
+    if resolved.plan is not None:
+        console.print(resolved.plan.table())
 
 
 @app.command()
@@ -180,7 +182,7 @@ def convert_qwen1(
     dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "bf16",
 ) -> None:
     """Write a Qwen-1 checkpoint as a standard Qwen2 folder that transformers and vLLM load."""
-    from lowtune.model.qwen1 import convert_qwen1 as convert
+    from lowtune.model.arch.qwen1 import convert_qwen1 as convert
 
     convert(src, dst, dtype=dtype)
     err_console.print(f"[green]Converted {src} -> {dst}[/]")
@@ -235,7 +237,7 @@ def merge(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder.")] = False,
 ) -> None:
     """Merge the adapter into its base model: one folder that transformers, vLLM and lowtune serve load."""
-    from lowtune.model.merge import merge_adapter
+    from lowtune.export.merge import merge_adapter
 
     merge_adapter(adapter, out, dtype=dtype, model_path=model, overwrite=overwrite)
     err_console.print(f"[green]Merged {adapter} -> {out}[/]. Serve it: lowtune serve --model {out}")

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lowtune.errors import Problem, UserError
 
 Precision = Literal["fp32", "fp16", "bf16"]
+PrecisionSetting = Literal["auto", "fp32", "fp16", "bf16"]
 BUILTIN_DATA_PREFIX = "builtin:"
 CONFIG_FILE_NAME = "lowtune.yaml"
 
@@ -22,23 +23,32 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+FOUR_BIT_SETTINGS = ("quant_type", "double_quant", "compute_dtype")
+
+
 class ModelSettings(_Section):
     path: str | None = Field(
         None,
         description="Local folder of a causal LM (Hugging Face layout, or a Qwen-1 checkpoint such as Qwen-7B-Chat). "
         "Empty: the embedded SmolLM2-135M-Instruct, which needs no download.",
     )
-    precision: Precision = Field(
-        "bf16",
+    precision: PrecisionSetting = Field(
+        "auto",
         description="dtype of the weights that are not quantized (embeddings, norms, head; all of them "
-        "with quantization: none).",
+        "with quantization: none) and of the computation. auto: bf16 where the device computes it natively (a GPU "
+        "of compute capability 8.0 or more; a CPU with AVX512-BF16 or AMX), fp16 with loss scaling on older GPUs, "
+        "fp32 on CPUs without native bf16.",
     )
     quantization: Literal["none", "8bit", "4bit"] = Field(
         "none", description="Load the linear layers through bitsandbytes: 8-bit (LLM.int8) or 4-bit (QLoRA)."
     )
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (4bit only).")
-    double_quant: bool = Field(True, description="Quantize the 4-bit scales too (QLoRA's double quantization).")
-    compute_dtype: Precision | None = Field(None, description="dtype of the 4-bit matmuls; empty: same as precision.")
+    quant_type: Literal["nf4", "fp4"] | None = Field(None, description="4-bit data type (4bit only); empty: nf4.")
+    double_quant: bool | None = Field(
+        None, description="Quantize the 4-bit scales too (QLoRA's double quantization; 4bit only); empty: true."
+    )
+    compute_dtype: Precision | None = Field(
+        None, description="dtype of the 4-bit matmuls (4bit only); empty: the resolved precision."
+    )
     device_map: Literal["auto", "balanced", "balanced_low_0", "sequential", "cpu"] = Field(
         "auto",
         description="Where the layers go (accelerate's device maps); auto: one GPU if there is one, else CPU.",
@@ -50,10 +60,16 @@ class ModelSettings(_Section):
     )
 
     @model_validator(mode="after")
-    def _compute_dtype_only_for_4bit(self) -> ModelSettings:
-        if self.compute_dtype is not None and self.quantization != "4bit":
-            raise ValueError("compute_dtype applies to 4bit quantization only")
+    def _four_bit_settings_only_for_4bit(self) -> ModelSettings:
+        if self.quantization != "4bit":
+            given = [name for name in FOUR_BIT_SETTINGS if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} applies to quantization: 4bit only (here {self.quantization})")
         return self
+
+    def updated(self, **changes: Any) -> ModelSettings:
+        """A copy with `changes`, validated like the YAML (pydantic's model_copy would skip validation)."""
+        return ModelSettings.model_validate(self.model_dump() | changes)
 
 
 class LoraSettings(_Section):
@@ -105,19 +121,24 @@ class DataSettings(_Section):
         0.0,
         ge=0,
         description="Records held out for evaluation: a share (below 1) or a count (1 and up), drawn with "
-        "train.seed. Ignored when eval_files are given.",
+        "train.seed (not with eval_files).",
     )
     eval_files: list[str] = Field([], description="Evaluation files (same formats as files) instead of val_size.")
 
 
 class TrainSettings(_Section):
-    epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(8, gt=0, description="Records per micro-batch (when tokens_per_batch is empty).")
+    epochs: float | None = Field(
+        None, gt=0, description="Passes over the data; empty: 1, or as many as max_steps takes (not both)."
+    )
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (not with epochs).")
+    batch_size: int | None = Field(
+        None, gt=0, description="Records per micro-batch; empty: 8, or as tokens_per_batch fills it (not both)."
+    )
     tokens_per_batch: int | None = Field(
         None,
         gt=0,
-        description="Fill each micro-batch up to this many tokens instead of a fixed record count.",
+        description="Fill each micro-batch up to this many tokens instead of a fixed record count (not with "
+        "batch_size).",
     )
     gradient_accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     packing: bool | Literal["auto"] = Field(
@@ -166,6 +187,13 @@ class TrainSettings(_Section):
     save_total_limit: int | None = Field(3, gt=0, description="Keep at most this many checkpoints.")
     seed: int = Field(42, description="Seed for adapter initialisation, dropout and data order.")
 
+    @model_validator(mode="after")
+    def _one_way_to_say_each(self) -> TrainSettings:
+        for first, second in (("epochs", "max_steps"), ("batch_size", "tokens_per_batch")):
+            if getattr(self, first) is not None and getattr(self, second) is not None:
+                raise ValueError(f"give {first} or {second}, not both")
+        return self
+
 
 class RunConfig(_Section):
     """A whole lowtune run: what to load, how to adapt it, on what data, how to train, where to write."""
@@ -176,6 +204,14 @@ class RunConfig(_Section):
     train: TrainSettings = Field(default_factory=TrainSettings)
     output_dir: str = Field("runs/lowtune", description="Folder that receives checkpoints, adapter and reports.")
 
+    @model_validator(mode="after")
+    def _evaluation_needs_held_out_records(self) -> RunConfig:
+        if self.data.eval_files and self.data.val_size:
+            raise ValueError("data.val_size and data.eval_files both say what to hold out: give one")
+        if self.train.eval_steps is not None and not (self.data.eval_files or self.data.val_size):
+            raise ValueError("train.eval_steps needs held-out records: set data.val_size or data.eval_files")
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
@@ -184,11 +220,38 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Builds the run config: defaults < YAML file < `section.key=value` overrides; raises UserError."""
     raw: dict[str, Any] = {}
     key_lines: dict[tuple[str, ...], int] = {}
-    source = str(path) if path else "<defaults>"
     if path is not None:
         raw, key_lines = _read_yaml(Path(path))
     for override in overrides or []:
         _apply_override(raw, override)
+    return _validated(raw, str(path) if path else "<defaults>", key_lines)
+
+
+def load_run_config(folder: str | Path) -> RunConfig:
+    """The config a run or checkpoint folder was trained with (its lowtune.yaml).
+
+    Folders written before `precision: auto` (lowtune 0.1) saved every default, some of which now contradict each
+    other (quant_type with no 4-bit, epochs beside max_steps): those defaults are dropped, so old runs still load.
+    """
+    path = Path(folder) / CONFIG_FILE_NAME
+    raw, key_lines = _read_yaml(path)
+    for section, key, old_default, unless in LEGACY_DEFAULTS:
+        values = raw.get(section) if isinstance(raw.get(section), dict) else {}
+        if values.get(key) == old_default and unless(values):
+            del values[key]
+    return _validated(raw, str(path), key_lines)
+
+
+# Defaults lowtune 0.1 saved into every lowtune.yaml, each with the condition under which it now contradicts.
+LEGACY_DEFAULTS = (
+    ("model", "quant_type", "nf4", lambda model: model.get("quantization") != "4bit"),
+    ("model", "double_quant", True, lambda model: model.get("quantization") != "4bit"),
+    ("train", "epochs", 1.0, lambda train: train.get("max_steps") is not None),
+    ("train", "batch_size", 8, lambda train: train.get("tokens_per_batch") is not None),
+)
+
+
+def _validated(raw: dict[str, Any], source: str, key_lines: dict[tuple[str, ...], int]) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
@@ -267,7 +330,7 @@ def _problem_from(error: dict[str, Any], source: str, key_lines: dict[tuple[str,
         if line is not None:
             break
     key = ".".join(location) or "config"
-    message = error["msg"]
+    message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = f"unknown key {key!r}"
         return Problem(message, source, line, fix=_known_keys_hint(location))

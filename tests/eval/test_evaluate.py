@@ -7,16 +7,13 @@ import math
 import shutil
 
 import pytest
-import torch
 from PIL import Image
 from rich.console import Console
 
-from lowtune.data.encode import encode_examples
 from lowtune.data.read import Message, read_examples
 from lowtune.data.split import split_examples
 from lowtune.errors import UserError
 from lowtune.eval.evaluate import (
-    eval_loss,
     evaluate_run,
     generate,
     held_out_examples,
@@ -25,8 +22,6 @@ from lowtune.eval.evaluate import (
 )
 from lowtune.eval.plots import plot_losses
 from lowtune.infer.session import ChatModel
-from lowtune.model.load import load_model
-from lowtune.train.loss import install_hidden_state_loss
 from tests.conftest import MEMORISE, tiny_config, write_jsonl
 
 
@@ -83,30 +78,6 @@ def test_batched_generation_matches_one_at_a_time(chat_model):
     batched = generate(chat_model.model, chat_model.chat_format, conversations, max_new_tokens=12, batch_size=3)
     single = generate(chat_model.model, chat_model.chat_format, conversations, max_new_tokens=12, batch_size=1)
     assert [reply.ids for reply in batched] == [reply.ids for reply in single]
-
-
-def test_eval_loss_is_the_token_weighted_mean_of_the_plain_loss(tmp_path, tiny_qwen2, qwen_tokenizer):
-    """Hidden-state loss in padded batches == transformers' own loss per record, weighted by its target count."""
-    from lowtune.data.pack import PackedCollator, PaddedCollator
-    from lowtune.data.templates import QwenFormat
-
-    model, _ = load_model(tiny_qwen2, precision="fp32")
-    chat_format = QwenFormat(qwen_tokenizer)
-    examples = read_examples([str(write_jsonl(tmp_path / "m.jsonl", MEMORISE))])
-    total = targets = 0.0
-    for row in encode_examples(examples, chat_format, 1024).rows:
-        labels = torch.tensor([row["labels"]])
-        count = int((labels[:, 1:] != -100).sum())
-        with torch.no_grad():
-            total += model(input_ids=torch.tensor([row["input_ids"]]), labels=labels).loss.item() * count
-        targets += count
-    model.requires_grad_(False)  # as in evaluation: the hidden-state loss gives no gradient to the output layer
-    install_hidden_state_loss(model)
-    rows = encode_examples(examples, chat_format, 1024).rows
-    result = eval_loss(model, rows, PaddedCollator(qwen_tokenizer.pad_token_id), batch_size=3)
-    packed = eval_loss(model, rows, PackedCollator(), batch_size=3)
-    assert packed["eval_loss"] == pytest.approx(result["eval_loss"], rel=1e-5)
-    assert result["eval_tokens"] == targets and result["eval_loss"] == pytest.approx(total / targets, rel=1e-5)
 
 
 def test_held_out_records_come_from_data_then_eval_files_then_the_training_split(tmp_path, tiny_qwen2):

@@ -24,7 +24,7 @@ def loss_and_lora_grads(folder, checkpointing, device):
     """One forward and backward of a tiny Qwen2 with LoRA (dropout on, B not zero, so every gradient is non-zero)."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": device})
     torch.manual_seed(0)  # the same A matrices
-    model = attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.1, target_modules=SEVEN), checkpointing)
+    model = attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.1), SEVEN, checkpointing)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             parameter.data.normal_()

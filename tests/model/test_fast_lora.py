@@ -7,8 +7,17 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from lowtune.model.fast_lora import LoRAGroup, fuse_lora
+from lowtune import internals
+from lowtune.model.arch import llama, qwen3
+from lowtune.model.fast_lora import GroupKernels, LoRAGroup, fuse_lora
 from lowtune.train.loss import install_hidden_state_loss
+
+# Each way the fused groups compute their frozen base products (train/resolve.py picks one per machine).
+KERNELS = {
+    "per use": dict(),
+    "cached": dict(dequantize_once=True),
+    "cached, oneDNN": dict(dequantize_once=True, onednn=True),
+}
 
 
 def reference_group(x, dropout_keep, weights, biases, scales, lora):
@@ -21,10 +30,11 @@ def reference_group(x, dropout_keep, weights, biases, scales, lora):
     return outputs
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_lora_group_gradients_equal_autograd(dropout):
+def test_lora_group_gradients_equal_autograd(dropout, kernels):
     torch.manual_seed(0)
-    dtype = torch.float64
+    dtype = torch.float32 if KERNELS[kernels].get("onednn") else torch.float64  # oneDNN has no float64
     x = torch.randn(13, 6, dtype=dtype, requires_grad=True)
     bases = [torch.nn.Linear(6, out, bias=True, dtype=dtype).requires_grad_(False) for out in (5, 3, 4)]
     ranks = (2, 3, 1)
@@ -36,17 +46,18 @@ def test_lora_group_gradients_equal_autograd(dropout):
         ]
     scales = [0.5, 2.0, 1.5]
     torch.manual_seed(1)
-    fused = LoRAGroup.apply(x, dropout, True, bases, scales, *lora)
+    fused = LoRAGroup.apply(x, dropout, True, GroupKernels(**KERNELS[kernels]), bases, scales, *lora)
     torch.manual_seed(1)
     keep = (torch.native_dropout(torch.ones_like(x), dropout, True)[1], dropout) if dropout > 0 else None
     reference = reference_group(x, keep, [b.weight for b in bases], [b.bias for b in bases], scales, lora)
     upstream = [torch.randn_like(y) for y in reference]
     grads_fused = torch.autograd.grad(fused, [x, *lora], upstream)
     grads_reference = torch.autograd.grad(reference, [x, *lora], upstream)
+    tolerance = {} if kernels == "per use" else dict(rtol=1e-5, atol=1e-5)  # the products in another order
     for y_fused, y_reference in zip(fused, reference, strict=True):
-        torch.testing.assert_close(y_fused, y_reference)
+        torch.testing.assert_close(y_fused, y_reference, **tolerance)
     for g_fused, g_reference in zip(grads_fused, grads_reference, strict=True):
-        torch.testing.assert_close(g_fused, g_reference)
+        torch.testing.assert_close(g_fused, g_reference, **tolerance)
 
 
 def lora_model(folder, quantization=None, dropout=0.0):
@@ -63,7 +74,7 @@ def lora_model(folder, quantization=None, dropout=0.0):
 
         for module in model.modules():
             if isinstance(module, bnb.nn.Linear4bit):
-                module.support_avx512bf16_for_cpu = False
+                internals.keep_cpu_4bit_layout(module)
     torch.manual_seed(0)
     model = get_peft_model(
         model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False)
@@ -79,15 +90,14 @@ def loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("quantization", [None, "4bit", "8bit"])
-def test_fused_model_equals_peft(tiny_qwen2, quantization):
+def assert_fused_equals_peft(folder, family, quantization, kernels):
     torch.manual_seed(0)
     input_ids = torch.randint(0, 5000, (2, 9))
     batch = {"input_ids": input_ids, "labels": input_ids.clone(), "attention_mask": torch.ones_like(input_ids)}
-    reference = lora_model(tiny_qwen2, quantization)
+    reference = lora_model(folder, quantization)
     loss_reference, grads_reference = loss_and_grads(reference, batch)
-    fused = lora_model(tiny_qwen2, quantization)
-    assert fuse_lora(fused) == 2  # both decoder layers
+    fused = lora_model(folder, quantization)
+    assert fuse_lora(fused, family, GroupKernels(**KERNELS[kernels])) == 2  # both decoder layers
     loss_fused, grads_fused = loss_and_grads(fused, batch)
     # 8-bit: the fused path multiplies by the dequantized weight, peft by LLM.int8 (int8 activations): close only.
     tolerance = 5e-2 if quantization == "8bit" else 1e-5
@@ -97,10 +107,36 @@ def test_fused_model_equals_peft(tiny_qwen2, quantization):
         assert relative < (0.2 if quantization == "8bit" else 1e-4), name
 
 
-def test_layers_that_do_not_fit_are_left_to_peft(tiny_qwen2):
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("quantization", [None, "4bit", "8bit"])
+def test_fused_model_equals_peft(tiny_qwen2, quantization, kernels):
+    assert_fused_equals_peft(tiny_qwen2, llama.FAMILY, quantization, kernels)
+
+
+@pytest.mark.parametrize("kernels", ["per use", "cached"])
+@pytest.mark.parametrize("quantization", [None, "4bit"])
+def test_fused_qwen3_equals_peft(tiny_qwen3, quantization, kernels):
+    """Qwen3's head norms sit between the fused projections and the rotary embedding."""
+    assert_fused_equals_peft(tiny_qwen3, qwen3.FAMILY, quantization, kernels)
+
+
+def test_cached_kernels_dequantize_each_group_once(tiny_qwen2):
+    model = lora_model(tiny_qwen2, "4bit")
+    kernels = GroupKernels(dequantize_once=True)
+    fuse_lora(model, llama.FAMILY, kernels)
+    input_ids = torch.randint(0, 5000, (2, 9))
+    for _ in range(2):
+        loss_and_grads(model, {"input_ids": input_ids, "labels": input_ids})
+    hidden, intermediate, kv = 64, 128, 32
+    per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + 2 * intermediate * hidden + hidden * intermediate
+    assert kernels.cached_bytes() == 2 * per_layer * 4  # two layers of fp32 weights, each group dequantized once
+
+
+def test_fuse_lora_refuses_layers_without_adapters(tiny_qwen2):
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    assert fuse_lora(model) == 0
+    with pytest.raises(RuntimeError, match="plain LoRA adapter"):
+        fuse_lora(model, llama.FAMILY, GroupKernels())
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -120,7 +156,7 @@ def test_lora_group_saves_what_the_memory_plan_counts(dropout):
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        LoRAGroup.apply(x, dropout, True, bases, [2.0, 2.0], *lora)
+        LoRAGroup.apply(x, dropout, True, GroupKernels(), bases, [2.0, 2.0], *lora)
     per_token_rows = [t for t in saved if t.shape == (tokens, features)]  # the (N, in) tensors, not weights or A x
     per_token_bytes = sum(t.element_size() for t in per_token_rows) * features
     assert per_token_bytes == (3 if dropout else 2) * features  # the input as well would make it 5 with dropout

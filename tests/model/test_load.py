@@ -11,9 +11,11 @@ from safetensors.torch import load_file
 
 from lowtune.config import ModelSettings
 from lowtune.errors import UserError
-from lowtune.model import load
-from lowtune.model.load import load_model, load_weights
+from lowtune.machine import this_machine
+from lowtune.model.load import Loading, load_weights
 from lowtune.model.summary import summary_table
+from lowtune.recipe import load_model
+from lowtune.train.resolve import resolve_loading
 
 
 @pytest.mark.parametrize(
@@ -28,19 +30,26 @@ from lowtune.model.summary import summary_table
 def test_load_model_api(tiny_qwen2, precision, quantization, linear_type):
     model, tokenizer = load_model(tiny_qwen2, precision=precision, quantization=quantization)
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == linear_type
-    assert model.model.embed_tokens.weight.dtype == load.DTYPES[precision]
+    assert model.model.embed_tokens.weight.dtype == Loading(precision).dtype
     assert tokenizer.pad_token_id is not None
     rendered = str(summary_table(model).columns[1]._cells)
     assert "cpu 100.0%" in rendered and ("4bit" in rendered) == (quantization == "4bit")
 
 
-def test_fsdp_stores_4bit_weights_in_the_model_dtype_and_places_nothing(monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    config = load._bitsandbytes_config(ModelSettings(quantization="4bit", precision="bf16"))
-    assert config.bnb_4bit_quant_storage == torch.bfloat16
-    assert load._device_map("auto") is None
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
-    assert load._bitsandbytes_config(ModelSettings(quantization="4bit")).bnb_4bit_quant_storage == torch.uint8
+def test_fsdp_stores_4bit_weights_in_the_model_dtype_and_places_nothing():
+    from dataclasses import replace
+
+    fsdp = replace(this_machine(), fsdp=True, packages=frozenset({"bitsandbytes"}))
+    loading = resolve_loading(ModelSettings(quantization="4bit", precision="bf16"), fsdp)
+    assert loading.device_map is None and loading.bitsandbytes_config().bnb_4bit_quant_storage == torch.bfloat16
+    plain = resolve_loading(ModelSettings(quantization="4bit", precision="bf16"), replace(fsdp, fsdp=False))
+    assert plain.bitsandbytes_config().bnb_4bit_quant_storage == torch.uint8
+
+
+def test_a_4bit_model_on_the_cpu_keeps_the_layout_training_needs(tiny_qwen2):
+    settings = ModelSettings(path=str(tiny_qwen2), precision="fp32", quantization="4bit")
+    model = load_weights(settings, Loading("fp32", "4bit", device_map={"": "cpu"}))
+    assert model.model.layers[0].mlp.up_proj.support_avx512bf16_for_cpu is False
 
 
 def test_missing_folder_and_missing_config(tmp_path):
@@ -61,5 +70,5 @@ def test_a_bin_file_with_pickled_code_is_refused_cleanly(tmp_path, tiny_qwen2):
     torch.save(state, folder / "pytorch_model.bin")
     (folder / "model.safetensors").unlink()
     with pytest.raises(UserError, match="refused: the file holds pickled objects"):
-        load_weights(ModelSettings(path=str(folder), precision="fp32"))
+        load_weights(ModelSettings(path=str(folder), precision="fp32"), Loading("fp32", device_map={"": "cpu"}))
     assert not (tmp_path / "ran").exists()

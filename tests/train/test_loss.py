@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -49,7 +50,7 @@ def test_model_loss_and_lora_gradients_equal_transformers(tiny_qwen2):
         model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
         model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
         if hidden_state_loss:
-            assert install_hidden_state_loss(model.get_base_model()) == "chunked linear cross-entropy"
+            install_hidden_state_loss(model.get_base_model(), "chunked")
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -65,7 +66,7 @@ def test_model_loss_and_lora_gradients_equal_transformers(tiny_qwen2):
 
 
 def test_without_labels_the_model_still_returns_logits(tiny_qwen2):
-    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32).requires_grad_(False)
     install_hidden_state_loss(model)
     output = model(input_ids=torch.tensor([[1, 2, 3]]))
     assert output.logits.shape == (1, 3, model.config.vocab_size)
@@ -77,7 +78,9 @@ def test_a_trained_output_layer_keeps_transformers_loss_and_packing_still_holds(
     from lowtune.data.templates import QwenFormat
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)  # every weight trainable
-    assert install_hidden_state_loss(model) == "transformers"
+    with pytest.raises(RuntimeError, match="frozen linear output layer"):
+        install_hidden_state_loss(model, "chunked")  # the fused loss gives the head no gradient
+    install_hidden_state_loss(model, "transformers")
     rows = []
     for question, answer in (("皇上驾到！", "皇上万福金安。"), ("你是谁？", "家父是大理寺少卿甄远道。")):
         input_ids, labels = QwenFormat(qwen_tokenizer).encode([Message("user", question), Message("assistant", answer)])

@@ -1,28 +1,36 @@
-"""The memory plan and the checkpointing policy: what offloading saves, and what auto picks on which machine."""
+"""The memory plan's arithmetic: what offloading saves, what checkpointing some layers keeps, what a dense copy adds."""
 
 from __future__ import annotations
 
-import logging
-import types
-
-import psutil
 import pytest
-import torch
+from transformers import Qwen2Config
 
 from lowtune.bench.model import QWEN_7B_SHAPE
-from lowtune.config import RunConfig
+from lowtune.model.arch import PROJECTIONS, llama
 from lowtune.model.checkpointing import Checkpointing
-from lowtune.train import memory
-from lowtune.train.memory import GIB, plan_memory, plan_run, run_planner
+from lowtune.train.memory import RunShape, linear_weights
 
-QWEN_7B = QWEN_7B_SHAPE
-SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LENGTHS = [200] * 400  # records of 200 tokens: 81 of them to a batch of 16k
+SHAPE = llama.FAMILY.shape(Qwen2Config(**QWEN_7B_SHAPE).to_dict())
 LAYER_INPUT = 16384 * 4096 * 2  # one decoder layer's input at 16k tokens, bf16
 
 
+def run_shape(**changes) -> RunShape:
+    fields = dict(
+        shape=SHAPE,
+        quantization="4bit",
+        precision="bf16",
+        double_quant=True,
+        rank=8,
+        targets=frozenset(PROJECTIONS),
+        tokens=16384,
+        dropout=0.1,
+        fused=True,
+    )
+    return RunShape(**(fields | changes))
+
+
 def plan(mode, layers=None):
-    return plan_memory(QWEN_7B, "4bit", "bf16", True, 8, SEVEN, 16384, Checkpointing(mode, layers), 0.1, True)
+    return run_shape().plan(Checkpointing(mode, layers))
 
 
 def test_offload_keeps_two_layer_inputs_on_the_gpu_and_the_rest_on_the_host():
@@ -50,48 +58,29 @@ def test_checkpointing_some_layers_keeps_the_others_whole():
     assert plan("offload", 8).host == 8 * LAYER_INPUT
 
 
-def config_with(setting) -> RunConfig:
-    config = RunConfig()
-    config.model.quantization = "4bit"
-    config.lora.target_modules = SEVEN
-    config.train.tokens_per_batch = 16384
-    config.train.gradient_checkpointing = setting
-    return config
+def test_a_dense_copy_of_the_base_adds_every_linear_weight_in_the_compute_dtype():
+    dense = linear_weights(SHAPE) * 4
+    assert run_shape(dense_copy_bytes=dense).plan(Checkpointing("off")).weights - plan("off").weights == dense
+    assert linear_weights(SHAPE) == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
 
 
-def choose(monkeypatch, setting, gpu_gib=80, host_available_gib=100, cuda=True):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (0, gpu_gib * GIB))
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=host_available_gib * GIB))
-    return plan_run(config_with(setting), QWEN_7B, LENGTHS, packed=True).checkpointing
+def test_qwen3_head_norms_and_wide_queries_are_counted():
+    """Qwen3-style: head_dim 128 with 16 heads on hidden 1024 makes the query 2048 wide; its head norms keep q and k."""
+    raw = dict(
+        model_type="qwen3",
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    )
+    from lowtune.model.arch import qwen3
 
-
-def planned_peak(mode, layers):
-    return run_planner(config_with("auto"), QWEN_7B, LENGTHS, True)(Checkpointing(mode, layers)).total
-
-
-@pytest.mark.parametrize(("setting", "expected"), [(True, "on"), (False, "off"), ("offload", "offload")])
-def test_a_setting_other_than_auto_is_taken_as_it_is(monkeypatch, setting, expected):
-    assert choose(monkeypatch, setting) == Checkpointing(expected)  # every layer
-
-
-def test_auto_on_a_gpu_checkpoints_the_fewest_layers_that_fit(monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger=memory.__name__)
-    # 7B at 16k tokens needs ~86 GiB without checkpointing: nothing to save on a 1 TB GPU.
-    assert choose(monkeypatch, "auto", gpu_gib=1000) == Checkpointing("off")
-    for gpu_gib, host_gib, mode in ((80, 100, "offload"), (80, 6, "on"), (40, 100, "offload"), (10, 100, "offload")):
-        chosen = choose(monkeypatch, "auto", gpu_gib=gpu_gib, host_available_gib=host_gib)
-        assert chosen.mode == mode  # offload when half the host's free memory holds the layer inputs (4 GiB)
-        budget, count = 0.9 * gpu_gib * GIB, chosen.checkpointed(32)
-        assert planned_peak(mode, count) <= budget or count == 32
-        assert planned_peak(mode, count - 1) > budget  # one layer fewer would not fit
-    assert choose(monkeypatch, "auto", gpu_gib=80).layers < 32 / 2  # an 80 GB GPU recomputes a few layers, not all
-    assert choose(monkeypatch, "auto", gpu_gib=10) == Checkpointing("offload")  # a small GPU needs every one
-    assert "room in host memory 50.0 GiB" in caplog.messages[-1]
-
-
-def test_on_the_cpu_auto_is_off_and_offload_says_it_saves_nothing(monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger=memory.__name__)
-    assert choose(monkeypatch, "auto", cuda=False) == Checkpointing("off")
-    assert choose(monkeypatch, "offload", cuda=False) == Checkpointing("offload")
-    assert "copied within host memory (no gain)" in caplog.messages[-1]
+    shape = qwen3.FAMILY.shape(raw)
+    assert shape.projections()["q_proj"] == (1024, 2048) and shape.projections()["o_proj"] == (2048, 1024)
+    with_norms = run_shape(shape=shape).plan(Checkpointing("off")).activations
+    without = run_shape(shape=llama.FAMILY.shape(raw)).plan(Checkpointing("off")).activations
+    assert with_norms - without == 28 * 16384 * 2 * (2048 + 1024)  # every layer keeps q and k before their norms

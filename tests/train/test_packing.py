@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM
 from lowtune.data.pack import PackedCollator, PaddedCollator
 from lowtune.data.read import Message
 from lowtune.data.templates import QwenFormat
+from lowtune.recipe import run
 from lowtune.train import trainer as trainer_module
 from lowtune.train.loss import install_hidden_state_loss
-from lowtune.train.recipe import run
 from tests.conftest import MEMORISE, tiny_config, write_jsonl
 
 CONVERSATIONS = [
@@ -97,6 +97,11 @@ def test_packed_collator_restarts_positions_and_masks_each_first_label(qwen_toke
         assert batch["labels"][0, start] == -100
 
 
+def transformers_loss(model, *choices):
+    """The plain path: transformers' own loss whatever the run resolved."""
+    install_hidden_state_loss(model, "transformers")
+
+
 def test_fast_path_and_plain_path_give_the_same_loss_curve(tmp_path, tiny_qwen2, monkeypatch):
     """Packed rows + loss from hidden states vs padded batches + transformers' own loss, 20 steps each."""
     data = write_jsonl(tmp_path / "m.jsonl", MEMORISE * 3)
@@ -104,7 +109,7 @@ def test_fast_path_and_plain_path_give_the_same_loss_curve(tmp_path, tiny_qwen2,
     for name, packing in (("fast", True), ("plain", False)):
         with monkeypatch.context() as patch:
             if name == "plain":
-                patch.setattr(trainer_module, "install_hidden_state_loss", lambda model: "transformers")
+                patch.setattr(trainer_module, "install_hidden_state_loss", transformers_loss)
             config = tiny_config(tiny_qwen2, data, tmp_path / name, max_steps=20, learning_rate=1e-2)
             config.train.packing = packing
             config.model.device_map = "cpu"

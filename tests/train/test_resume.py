@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from lowtune.errors import RunStopped, UserError
-from lowtune.train.recipe import run
+from lowtune.recipe import run
 from lowtune.train.resume import complete_checkpoints
 from tests.conftest import MEMORISE, tiny_config, write_jsonl
 
@@ -134,7 +134,7 @@ SLOW_STEPS = """
         trainer = build(*args, **kwargs)
         trainer.add_callback(Slow())
         return trainer
-    import lowtune.train.recipe as recipe
+    import lowtune.recipe as recipe
     recipe.build_trainer = build_slow
 """
 
@@ -208,7 +208,7 @@ def test_a_nan_gradient_stops_the_run_before_the_update(tmp_path, tiny_qwen2, mo
     """A weight turned NaN after the step-2 checkpoint: step 3's gradient is NaN and must never be applied."""
     from transformers import TrainerCallback
 
-    from lowtune.train import recipe
+    from lowtune import recipe
 
     class Poison(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):

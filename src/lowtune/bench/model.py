@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from lowtune import internals
+
 # Qwen-7B(-Chat) as Qwen2: 32 layers of 4096 with 32 heads (no grouped KV), MLP 11008, vocabulary 151,936, untied head.
 QWEN_7B_SHAPE = dict(
     hidden_size=4096,
@@ -37,7 +39,7 @@ def build_random_model(config: Qwen2Config, quantization: str, seed: int = 0) ->
     double quantization (what `BitsAndBytesConfig` gives the tutorial's recipe)."""
     torch.manual_seed(seed)
     with torch.device("cuda"):
-        model = Qwen2ForCausalLM._from_config(config, dtype=torch.bfloat16)
+        model = internals.model_from_config(Qwen2ForCausalLM, config, torch.bfloat16)
     if quantization != "none":
         _quantize_linears(model, quantization)
         _mark_quantized(model, quantization)
@@ -49,7 +51,6 @@ def build_random_model(config: Qwen2Config, quantization: str, seed: int = 0) ->
 def _mark_quantized(model: Qwen2ForCausalLM, quantization: str) -> None:
     """What `from_pretrained(quantization_config=...)` records on a model, which Trainer and peft check."""
     from transformers import BitsAndBytesConfig
-    from transformers.quantizers import AutoHfQuantizer
 
     if quantization == "4bit":
         config = BitsAndBytesConfig(
@@ -60,11 +61,7 @@ def _mark_quantized(model: Qwen2ForCausalLM, quantization: str) -> None:
         )
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
-    model.config.quantization_config = config
-    model.hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=False)
-    model.is_quantized = True
-    model.is_loaded_in_4bit = quantization == "4bit"
-    model.is_loaded_in_8bit = quantization == "8bit"
+    internals.mark_quantized(model, config)
 
 
 def _quantize_linears(model: Qwen2ForCausalLM, quantization: str) -> None:
@@ -91,14 +88,12 @@ def _bnb_linear(linear: nn.Linear, quantization: str) -> nn.Module:
             quant_type="nf4",
             device="meta",
         )
-        layer.weight = bnb.nn.Params4bit(
-            weight, requires_grad=False, compress_statistics=True, quant_type="nf4", module=layer
-        )._quantize(weight.device)
+        layer.weight = internals.quantized_parameter(weight, "4bit", layer)
     else:
         layer = bnb.nn.Linear8bitLt(
             linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0, device="meta"
         )
-        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)._quantize(weight.device)
+        layer.weight = internals.quantized_parameter(weight, "8bit", layer)
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     return layer

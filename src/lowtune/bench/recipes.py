@@ -25,8 +25,10 @@ from transformers import (
 
 from lowtune.config import LoraSettings, RunConfig, TrainSettings
 from lowtune.data.templates import IGNORE_INDEX
+from lowtune.machine import this_machine
 from lowtune.model.lora import attach_lora
-from lowtune.train.memory import peak_memory_gib, plan_run
+from lowtune.train.memory import peak_memory_gib
+from lowtune.train.resolve import resolve_run
 from lowtune.train.trainer import build_trainer
 
 Rows = list[dict[str, list[int]]]
@@ -218,13 +220,14 @@ def lowtune_recipe(
     config.model.precision = "bf16"
     config.model.quantization = quantization
     lengths = [len(row["input_ids"]) for row in rows]
-    plan = plan_run(config, model.config.to_dict(), lengths, packed=True)
-    model = attach_lora(model, config.lora, plan.checkpointing)
-    trainer = build_trainer(config, model, tokenizer, rows)
+    resolved = resolve_run(config, this_machine(), model.config.to_dict(), lengths, chat_format="seed")
+    resolved.log()
+    model = attach_lora(model, config.lora, resolved.lora_targets, resolved.checkpointing)
+    trainer = build_trainer(config, resolved, model, tokenizer, rows)
     same_loss = same_samples_loss(trainer.model, rows[:SAME_SAMPLES], trainer.data_collator, 8)
     if profile:
         trainer.add_callback(ProfileSteps(profile, start=steps, count=profiled))
     measured = timed_training("lowtune", quantization, trainer, warmup, steps, same_loss)
-    measured.planned_peak_gib = plan.total / 2**30
-    measured.checkpointing = plan.checkpointing.describe(plan.layers)
+    measured.planned_peak_gib = resolved.plan.total / 2**30
+    measured.checkpointing = resolved.checkpointing.describe(resolved.plan.layers)
     return measured

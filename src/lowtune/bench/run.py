@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from lowtune.errors import UserError
+from lowtune.machine import this_machine
 from lowtune.train.allocator import EXPANDABLE_SEGMENTS
-from lowtune.train.memory import device_name
 
 QUANTIZATIONS = ("4bit", "8bit", "none")
 CHECKPOINTING_SETTINGS = ("auto", "offload", "true", "false")  # lowtune's train.gradient_checkpointing
@@ -107,7 +107,7 @@ def _result_line(
     seed, ours = measured.get("tutorial"), measured.get("lowtune")
     line: dict[str, Any] = {
         "date": dt.date.today().isoformat(),
-        "device": device_name(),
+        "device": this_machine().describe(),
         "versions": _versions(),
         "quantization": quantization,
         "layers": layers or 32,

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,16 +20,17 @@ import torch
 from rich.table import Table
 from transformers import PreTrainedModel
 
-from lowtune.config import CONFIG_FILE_NAME, RunConfig, load_config
+from lowtune.config import RunConfig, load_run_config
 from lowtune.data.encode import encode_examples
 from lowtune.data.pack import PaddedCollator
 from lowtune.data.read import Example, Message, read_examples
 from lowtune.data.split import split_for_run
-from lowtune.data.templates import IGNORE_INDEX, ChatFormat, input_separator
+from lowtune.data.templates import ChatFormat, input_separator
 from lowtune.errors import UserError
 from lowtune.eval.metrics import SCORING, reply_scores, score_replies, stop_rate, stopped
 from lowtune.infer.session import ChatModel, base_model_settings
 from lowtune.train.loss import install_hidden_state_loss
+from lowtune.train.validate import eval_loss
 
 log = logging.getLogger(__name__)
 RESULTS_FILE_NAME = "eval_results.json"
@@ -71,7 +71,7 @@ def evaluate_run(
     """
     folder = Path(adapter_dir)
     base_model_settings(folder)  # fails with a clear message if the folder is not a run
-    config = load_config(folder / CONFIG_FILE_NAME)
+    config = load_run_config(folder)
     examples, described = held_out_examples(config, data)
     examples = examples[:limit] if limit else examples
     log.info("evaluating on %d records: %s", len(examples), described)
@@ -116,32 +116,6 @@ def held_out_examples(config: RunConfig, data: str | Path | None = None) -> tupl
 def prompt_and_reference(example: Example) -> tuple[list[Message], str]:
     """The conversation up to its last user turn (system and history included) and the last assistant reply."""
     return list(example.messages[:-1]), example.messages[-1].content
-
-
-def eval_loss(
-    model: PreTrainedModel,
-    rows: Sequence[dict[str, list[int]]],
-    collate: Callable[[list[dict[str, list[int]]]], dict[str, Any]] | None = None,
-    batch_size: int = 8,
-) -> dict[str, float]:
-    """Mean loss over every trained token of the encoded rows (token-weighted, as training counts it) and perplexity.
-
-    The model must have `install_hidden_state_loss` on its base, so that a forward with labels returns the summed
-    loss without keeping logits. `collate` builds the batches (padded by default; training passes its own, packed
-    where it packs).
-    """
-    collate = collate or PaddedCollator(model.config.pad_token_id or 0)
-    ordered = sorted(rows, key=lambda row: len(row["input_ids"]))
-    total, tokens = 0.0, 0
-    for start in range(0, len(ordered), batch_size):
-        batch = collate(ordered[start : start + batch_size])
-        labels = batch["labels"]
-        batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with torch.inference_mode():
-            total += model(**batch, num_items_in_batch=1).loss.item()  # summed over the batch's targets
-        tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())  # position t predicts label t + 1
-    loss = total / tokens
-    return {"eval_loss": loss, "perplexity": math.exp(loss), "eval_tokens": tokens}
 
 
 def generate(

@@ -14,7 +14,7 @@ from lowtune.eval.plots import plot_length_histogram, plot_losses
 
 REPORT_FILE_NAME = "report.md"
 LOSS_FIGURE_NAME = "loss.png"
-# lowtune.train.recipe.SUMMARY_FILE_NAME; not imported, as the recipe imports this module.
+# lowtune.recipe.SUMMARY_FILE_NAME; not imported, as the recipe imports this module.
 SUMMARY_FILE_NAME = "run_summary.json"
 
 

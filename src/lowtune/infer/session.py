@@ -14,16 +14,16 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from lowtune.config import CONFIG_FILE_NAME, ModelSettings, load_config
+from lowtune.config import CONFIG_FILE_NAME, ModelSettings, load_run_config
 from lowtune.data.read import Message
 from lowtune.data.templates import FORMAT_FILE_NAME, ChatFormat, build_chat_format, load_chat_format
 from lowtune.errors import UserError
-from lowtune.model import qwen1
+from lowtune.machine import this_machine
+from lowtune.model import arch
 from lowtune.model.load import load_tokenizer, load_weights, read_tokenizer, resolve_model_path
+from lowtune.train.resolve import resolve_loading
 
 log = logging.getLogger(__name__)
-# config.json's dtype names, as ModelSettings.precision spells them.
-SAVED_PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 @dataclass
@@ -43,20 +43,21 @@ class ChatModel:
 
     @classmethod
     def from_adapter(cls, adapter_dir: str | Path, model_path: str | None = None, **overrides: object) -> ChatModel:
-        """Loads the base model the adapter was trained on (same precision and quantization) plus the adapter.
+        """Loads the base model the adapter was trained on (same model settings: its precision auto resolves for this
+        machine) plus the adapter.
 
         Args:
             adapter_dir: a lowtune output folder (or one of its checkpoints).
             model_path: the base model folder, when it moved since training.
-            **overrides: fields of ModelSettings to change (e.g. quantization="none").
+            **overrides: fields of ModelSettings to change (e.g. quantization="none"), validated as the YAML is.
         """
         folder = Path(adapter_dir)
-        settings = base_model_settings(folder).model_copy(update=overrides)
+        settings = base_model_settings(folder).updated(**overrides)
         if model_path is not None:
             settings.path = model_path
         tokenizer = read_tokenizer(folder)
         chat_format = load_chat_format(folder, tokenizer)
-        model = PeftModel.from_pretrained(load_weights(settings), folder)
+        model = PeftModel.from_pretrained(load_weights(settings, resolve_loading(settings, this_machine())), folder)
         return cls(model, tokenizer, chat_format)
 
     @classmethod
@@ -68,17 +69,17 @@ class ChatModel:
 
         Args:
             model_dir: the model folder (Hugging Face layout, or a Qwen-1 checkpoint).
-            **overrides: fields of ModelSettings to change; precision defaults to the dtype the folder was saved in.
+            **overrides: fields of ModelSettings to change; precision defaults to `saved_precision`.
         """
         folder = resolve_model_path(model_dir)
-        settings = ModelSettings(path=str(folder), precision=saved_precision(folder)).model_copy(update=overrides)
+        settings = ModelSettings(path=str(folder), precision=saved_precision(folder)).updated(**overrides)
         tokenizer = load_tokenizer(settings)
         if (folder / FORMAT_FILE_NAME).is_file():
             chat_format = load_chat_format(folder, tokenizer)
         else:
             chat_format = build_chat_format("auto", tokenizer)
         log.info("chat format: %s (end of turn %s)", chat_format.name, chat_format.end_of_turn)
-        return cls(load_weights(settings), tokenizer, chat_format)
+        return cls(load_weights(settings, resolve_loading(settings, this_machine())), tokenizer, chat_format)
 
     @property
     def default_system(self) -> str | None:
@@ -112,7 +113,9 @@ class ChatModel:
         `stopping_criteria` says so (a caller that stops listening).
         """
         prompt = torch.tensor([prompt_ids], device=self.model.device)
-        qwen1.warn_if_beyond_seq_length(self.model.config, prompt.shape[1] + settings.max_new_tokens, log)
+        warning = arch.context_warning(self.model.config.to_dict(), prompt.shape[1] + settings.max_new_tokens)
+        if warning:
+            log.warning("%s", warning)
         if settings.temperature > 0:
             sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
         else:
@@ -141,10 +144,11 @@ def base_model_settings(adapter_dir: Path) -> ModelSettings:
             adapter_dir,
             fix="give the output_dir of a lowtune train run, or one of its checkpoint-N folders",
         )
-    return load_config(config_file).model
+    return load_run_config(adapter_dir).model
 
 
 def saved_precision(model_dir: Path) -> str:
-    """The precision a model folder was saved in (config.json's dtype); bf16 when it is none of fp32, fp16, bf16."""
+    """fp32 for a model folder saved in fp32 (config.json's dtype), else auto: the machine's best half precision
+    when it has one (bf16 or fp16 weights load exactly in fp32 where it has none)."""
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    return SAVED_PRECISIONS.get(config.get("dtype") or config.get("torch_dtype"), "bf16")
+    return "fp32" if (config.get("dtype") or config.get("torch_dtype")) == "float32" else "auto"

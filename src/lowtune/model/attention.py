@@ -9,27 +9,13 @@ transformers ships varlen kernels only through the flash-attn package; torch (>=
 from __future__ import annotations
 
 import inspect
-import logging
 from typing import Any
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-from lowtune.errors import UserError
-
-log = logging.getLogger(__name__)
 VARLEN = "lowtune_varlen"
-
-
-def varlen_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def varlen_attention_forward(
@@ -82,38 +68,15 @@ def _no_mask(*args: Any, **kwargs: Any) -> None:
     return None  # varlen attention takes the boundaries from cu_seq_lens; a dense mask would only cost memory
 
 
-EAGER_ON_CPU_UP_TO = 1024  # eager keeps (batch, heads, T, T) scores: fine for short rows, not for long ones
+# eager keeps (batch, heads, T, T) scores: fine for short rows, not for long ones. On the CPU with padded rows up to
+# this length it is faster than SDPA (measured 3.3 s against SDPA's 4.1 s for a SmolLM2-135M step of 8 x 150 tokens:
+# the CPU flash kernel is slow on short rows); `train/resolve.py` chooses by it.
+EAGER_ON_CPU_UP_TO = 1024
 
 
-def choose_attention(model: PreTrainedModel, setting: str, packed: bool, longest: int) -> str:
-    """Sets the model's attention kernel for training and returns its name (logged with the reason).
-
-    auto: torch's varlen flash attention for packed rows on CUDA; SDPA with the block-diagonal mask transformers
-    derives from the position ids for packed rows elsewhere; on the CPU with padded rows up to 1024 tokens, eager
-    attention (measured 3.3 s against SDPA's 4.1 s for a SmolLM2-135M step of 8 x 150 tokens: the CPU flash kernel
-    is slow on short rows); SDPA otherwise.
-    """
-    reasons = {
-        VARLEN: "torch varlen flash attention over the records' boundaries",
-        "sdpa": "SDPA" + (" with a block-diagonal mask from the position ids" if packed else ""),
-        "eager": "eager: on the CPU, faster than SDPA for rows this short",
-        "flex_attention": "flex attention with a document mask",
-    }
-    choice = setting
-    if setting == "auto":
-        if packed:
-            choice = VARLEN if varlen_available() else "sdpa"
-        else:
-            on_cpu = next(model.parameters()).device.type == "cpu"
-            choice = "eager" if on_cpu and longest <= EAGER_ON_CPU_UP_TO else "sdpa"
-    if choice == VARLEN:
-        if not (packed and varlen_available()):
-            raise UserError.one(
-                "train.attention lowtune_varlen needs CUDA, torch.nn.attention.varlen and packing",
-                fix="set train.attention: auto",
-            )
+def set_attention(model: PreTrainedModel, name: str) -> None:
+    """Sets the model's attention kernel for training (registering lowtune's varlen kernel when it is the one)."""
+    if name == VARLEN:
         AttentionInterface.register(VARLEN, varlen_attention_forward)
         AttentionMaskInterface.register(VARLEN, _no_mask)
-    model.set_attn_implementation(choice)
-    log.info("attention: %s (%s)", choice, reasons.get(choice, "as configured"))
-    return choice
+    model.set_attn_implementation(name)

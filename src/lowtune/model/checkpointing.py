@@ -19,11 +19,9 @@ on the host for every copy and prefetches nothing.
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -31,7 +29,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-log = logging.getLogger(__name__)
+from lowtune import internals
 
 
 @dataclass(frozen=True)
@@ -49,12 +47,16 @@ class Checkpointing:
         """How many of `total` decoder layers are checkpointed."""
         return 0 if self.mode == "off" else total if self.layers is None else min(self.layers, total)
 
-    def describe(self, total: int) -> str:
+    def describe(self, total: int | None) -> str:
+        """E.g. "on, 9 of 32 layers, inputs on the host"; `total` None: the number of layers is not known."""
         if self.mode == "off":
             return "off"
-        where = "GPU" if self.mode == "on" else "host"
+        where = "inputs kept" if self.mode == "on" else "inputs on the host"
+        if total is None:
+            which = "every layer" if self.layers is None else f"the first {self.layers} layers"
+            return f"on, {which}, {where}"
         count = self.checkpointed(total)
-        return f"on, {'all ' if count == total else ''}{count} of {total} layers, inputs on the {where}"
+        return f"on, {'all ' if count == total else ''}{count} of {total} layers, {where}"
 
 
 def enable_checkpointing(model: PreTrainedModel, checkpointing: Checkpointing) -> ActivationOffloader | None:
@@ -73,13 +75,10 @@ def enable_checkpointing(model: PreTrainedModel, checkpointing: Checkpointing) -
     for layer in layers[count:]:
         layer.gradient_checkpointing = False
     if checkpointing.mode == "on":
-        log.info("gradient checkpointing: %s", checkpointing.describe(len(layers)))
         return None
     offloader = ActivationOffloader(next(model.parameters()).device)
     for layer in layers[:count]:
-        # transformers runs each checkpointed layer through this attribute: checkpoint(forward, *args).
-        layer._gradient_checkpointing_func = partial(offloader.checkpoint, layer._gradient_checkpointing_func)
-    log.info("gradient checkpointing: %s (%s memory)", checkpointing.describe(len(layers)), offloader.where)
+        internals.wrap_checkpoint_call(layer, offloader.checkpoint)
     return offloader
 
 

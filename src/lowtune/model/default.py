@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lowtune import internals
 from lowtune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,7 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
-    # The weights are plain fp32 once dequantized; the GGUF marks only block saving and later quantization.
-    model.hf_quantizer = None
-    vars(model.config).pop("quantization_config", None)
+    internals.forget_gguf_quantization(model)  # the weights are plain fp32 once dequantized
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:

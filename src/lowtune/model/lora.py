@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import PreTrainedModel
 
 from lowtune.config import LoraSettings
 from lowtune.errors import UserError
-from lowtune.model import qwen1
 from lowtune.model.checkpointing import Checkpointing, enable_checkpointing
 
-log = logging.getLogger(__name__)
 
-
-def attach_lora(model: PreTrainedModel, settings: LoraSettings, checkpointing: Checkpointing) -> PeftModel:
-    """Wraps `model` with trainable LoRA adapters; the base stays frozen (and quantized, if it was)."""
-    targets = settings.target_modules
-    if qwen1.is_converted_qwen1(model.config):
-        targets, mapping = qwen1.map_qwen1_target_modules(targets)
-        if mapping:
-            log.info(
-                "Qwen-1 target names mapped onto Qwen2 modules: %s",
-                ", ".join(f"{old} -> {'/'.join(new)}" for old, new in mapping.items()),
-            )
+def attach_lora(
+    model: PreTrainedModel, settings: LoraSettings, targets: list[str] | str, checkpointing: Checkpointing
+) -> PeftModel:
+    """Wraps `model` with trainable LoRA adapters on `targets` (the resolved `lora.target_modules`, in the loaded
+    model's names); the base stays frozen (and quantized, if it was)."""
     _check_targets(model, targets)
     enable_checkpointing(model, checkpointing)
     config = LoraConfig(

@@ -1,42 +1,32 @@
-"""The kernels a training run uses beyond transformers' defaults, each choice logged."""
+"""The kernels a run uses beyond transformers' defaults, installed as `train/resolve.py` chose them."""
 
 from __future__ import annotations
 
-import importlib.util
-import logging
-import os
-
-import torch
 from peft import PeftModel
 
-from lowtune.config import TrainSettings
-from lowtune.model.fast_lora import fuse_lora
+from lowtune import internals
+from lowtune.model import arch
+from lowtune.model.fast_lora import GroupKernels, fuse_lora
+from lowtune.train.resolve import Resolved
 
-log = logging.getLogger(__name__)
 
+def apply_kernels(model: PeftModel, resolved: Resolved) -> GroupKernels | None:
+    """liger-kernel's RMSNorm/RoPE/SwiGLU (the parts chosen), then lowtune's fused LoRA groups.
 
-def apply_kernels(model: PeftModel, train: TrainSettings) -> None:
-    """liger-kernel's RMSNorm/RoPE/SwiGLU on CUDA, then lowtune's fused LoRA projections."""
-    base = model.get_base_model()
-    if torch.cuda.is_available():
-        log.info("CUDA allocator: %s", os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default"))
-    if _resolve(train.liger, torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None):
-        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
-
-        _apply_liger_kernel_to_instance(
-            model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    Returns the fused groups' kernels (they hold the cached base weights), or None when peft's forward runs.
+    """
+    parts = set(resolved.liger)
+    if parts & {"rms_norm", "rope", "swiglu"}:
+        internals.apply_liger(
+            model.get_base_model(), rms_norm="rms_norm" in parts, rope="rope" in parts, swiglu="swiglu" in parts
         )
-        log.info("kernels: liger-kernel RMSNorm, RoPE and SwiGLU")
-    if _resolve(train.fused_lora, True):
-        layers = fuse_lora(model)
-        if layers:
-            log.info("kernels: fused LoRA projections (q/k/v, o, gate/up, down) in %d decoder layers", layers)
-        else:
-            log.info(
-                "kernels: peft's own LoRA forward (fused LoRA needs Llama-family layers with one plain "
-                "adapter on all seven projections)"
-            )
-
-
-def _resolve(setting: bool | str, automatic: bool) -> bool:
-    return automatic if setting == "auto" else bool(setting)
+    if not resolved.fused_lora:
+        return None
+    kernels = GroupKernels(
+        dequantize_once=resolved.base_weights == "cached", onednn=resolved.onednn, liger_swiglu="swiglu" in parts
+    )
+    layers = fuse_lora(model, arch.family_named(resolved.family), kernels)
+    expected = model.get_base_model().config.num_hidden_layers
+    if layers != expected:
+        raise RuntimeError(f"fused LoRA reached {layers} of {expected} decoder layers (the {resolved.family} family)")
+    return kernels

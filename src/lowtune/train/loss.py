@@ -3,12 +3,12 @@
 transformers computes logits for every position (151,936 x tokens for Qwen, plus an fp32 copy) before the loss;
 here only positions that carry a label are projected, chunk by chunk, and the gradient of each chunk is computed
 at once, so memory holds one chunk of logits at a time. On CUDA, liger-kernel's fused linear cross-entropy does
-the same in Triton; elsewhere `ChunkedLinearCrossEntropy` below does it in plain torch.
+the same in Triton; elsewhere `ChunkedLinearCrossEntropy` below does it in plain torch. Which one runs is the run's
+choice (`train/resolve.py`).
 """
 
 from __future__ import annotations
 
-import logging
 import types
 from typing import Any
 
@@ -16,9 +16,9 @@ import torch
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from lowtune import internals
 from lowtune.data.templates import IGNORE_INDEX
 
-log = logging.getLogger(__name__)
 CHUNK_BYTES = 256 * 2**20  # fp32 logits held at once
 
 
@@ -30,37 +30,49 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, onednn: bool = False
+    ) -> torch.Tensor:
         rows_per_chunk = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
         accumulate = torch.promote_types(weight.dtype, torch.float32)  # bf16/fp16 logits are upcast, as HF does
         total = torch.zeros((), dtype=accumulate, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         for start in range(0, hidden.shape[0], rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
-            logits = (hidden[rows].to(weight.dtype) @ weight.T).to(accumulate)  # (chunk, vocab)
-            log_z = torch.logsumexp(logits, dim=-1)
-            target_logits = logits.gather(1, targets[rows, None]).squeeze(1)
-            total += (log_z - target_logits).sum()
+            logits = _linear(hidden[rows].to(weight.dtype), weight, onednn).to(accumulate)  # (chunk, vocab)
+            log_probs = logits.log_softmax(dim=-1)  # one pass over the vocabulary (logsumexp takes four)
+            del logits
+            total -= log_probs.gather(1, targets[rows, None]).sum()
             if grad_hidden is not None:
-                probs = logits.sub_(log_z[:, None]).exp_()  # in place: the chunk's logits are not needed again
+                probs = log_probs.exp_()  # in place: the chunk's log-probabilities are not needed again
                 probs[torch.arange(probs.shape[0], device=probs.device), targets[rows]] -= 1.0
-                grad_hidden[rows] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[rows] = _linear(probs.to(weight.dtype), weight.T, onednn).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
 
 
-def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of `hidden @ weight.T` against `targets` (rows of hidden: (N, H))."""
-    if hidden.is_cuda and _liger_available():
+def _linear(x: torch.Tensor, weight: torch.Tensor, onednn: bool) -> torch.Tensor:
+    return internals.onednn_linear(x, weight) if onednn else x @ weight.T
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, kernel: str = "chunked", onednn: bool = False
+) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against `targets` (rows of hidden: (N, H)).
+
+    kernel: "liger" (liger-kernel's fused linear cross-entropy, CUDA) or "chunked"; onednn: the chunked products
+    through oneDNN.
+    """
+    if kernel == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         return liger_fused_linear_cross_entropy(hidden.to(weight.dtype), weight, targets, reduction="sum")
-    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets)
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, onednn)
 
 
 def causal_lm_loss(
@@ -68,25 +80,30 @@ def causal_lm_loss(
     labels: torch.Tensor,
     weight: torch.Tensor,
     num_items_in_batch: torch.Tensor | int | None = None,
+    kernel: str = "chunked",
+    onednn: bool = False,
 ) -> torch.Tensor:
     """Next-token loss: position t predicts labels[t + 1]; the sum is divided by the number of targets of the
     whole optimizer step when given (so gradient accumulation weighs every token alike), else of this batch."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    total = linear_cross_entropy_sum(hidden[:, :-1][keep], weight, targets[keep])  # (N, H) rows only
+    total = linear_cross_entropy_sum(hidden[:, :-1][keep], weight, targets[keep], kernel, onednn)  # (N, H) rows
     count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
     return total / torch.as_tensor(count, device=total.device, dtype=total.dtype)
 
 
-def install_hidden_state_loss(model: PreTrainedModel) -> str:
+def install_hidden_state_loss(model: PreTrainedModel, kernel: str = "chunked", onednn: bool = False) -> None:
     """Makes `model.forward(..., labels=...)` return the loss computed from hidden states (and no logits).
 
-    Without labels (generation) the model's own forward runs. The instance's forward is replaced, not the class's,
-    so other models in the process are untouched. Where the output layer trains (its weight needs a gradient,
-    which the fused loss does not give) transformers' own loss runs instead. Returns the loss kernel, for the log.
+    kernel: "chunked" or "liger" (see `linear_cross_entropy_sum`); "transformers" keeps the model's own loss, which
+    a run whose output layer trains needs (the fused loss gives the head no gradient). Without labels (generation)
+    the model's own forward runs. The instance's forward is replaced, not the class's, so other models in the
+    process are untouched.
     """
     head = model.get_output_embeddings()
-    from_hidden = isinstance(head, torch.nn.Linear) and not head.weight.requires_grad and head.bias is None
+    frozen_linear = isinstance(head, torch.nn.Linear) and not head.weight.requires_grad and head.bias is None
+    if kernel != "transformers" and not frozen_linear:
+        raise RuntimeError(f"the {kernel} loss needs a frozen linear output layer without bias, not {head}")
     original_forward = model.forward
 
     def forward(
@@ -101,27 +118,11 @@ def install_hidden_state_loss(model: PreTrainedModel) -> str:
         # No cache: a loss never needs one, and with a cache transformers stops reading record boundaries from
         # packed position ids (records would attend to each other under SDPA or flex attention).
         kwargs["use_cache"] = False
-        if not from_hidden:
+        if kernel == "transformers":
             return original_forward(input_ids=input_ids, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
         kwargs.pop("logits_to_keep", None)
         hidden = self.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state  # (B, T, H)
-        loss = causal_lm_loss(hidden, labels, self.get_output_embeddings().weight, num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss)
+        weight = self.get_output_embeddings().weight
+        return CausalLMOutputWithPast(loss=causal_lm_loss(hidden, labels, weight, num_items_in_batch, kernel, onednn))
 
     model.forward = types.MethodType(forward, model)
-    if not from_hidden:
-        kernel = "transformers"
-        log.info("loss: transformers' own (the output layer trains, or is not a plain linear layer)")
-    else:
-        liger = torch.cuda.is_available() and _liger_available()
-        kernel = "liger fused linear cross-entropy" if liger else "chunked linear cross-entropy"
-        log.info("loss: %s from hidden states (only labelled positions are projected onto the vocabulary)", kernel)
-    return kernel
-
-
-def _liger_available() -> bool:
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -1,9 +1,10 @@
 """Resume a run exactly where its newest complete checkpoint left it, and only the same run.
 
 Checkpoints are written to `.tmp-checkpoint-N` and renamed to `checkpoint-N` when complete (`LowtuneTrainer`), so
-every `checkpoint-N` folder is whole. Each holds the resolved config and a fingerprint of the data and model config;
-resuming with anything that shapes the run changed (model, data, template, LoRA, batching, optimizer) is refused
-with the list of differences, unless forced. Raising the step or epoch limit to train further is allowed.
+every `checkpoint-N` folder is whole. Each holds the config, the run's resolved choices (`resolved.yaml`) and a
+fingerprint of the data and model config; resuming with anything that shapes the run changed (model, data, template,
+LoRA, batching, optimizer, or a choice this machine resolves differently, such as the precision) is refused with the
+list of differences, unless forced. Raising the step or epoch limit to train further is allowed.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lowtune.config import CONFIG_FILE_NAME, RunConfig, load_config
+from lowtune.config import RunConfig, load_run_config
 from lowtune.data.read import resolve_data_path
 from lowtune.errors import UserError
+from lowtune.train.resolve import Resolved, read_saved_choices
 
 FINGERPRINT_FILE_NAME = "fingerprint.json"
 STAGING_PREFIX = ".tmp-checkpoint-"
@@ -32,6 +34,7 @@ MAY_CHANGE = {
     "train.eval_steps",
     "output_dir",
 }
+RESOLVED_MAY_CHANGE = {"length"}  # follows train.max_steps / train.epochs
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -61,14 +64,21 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path:
     return checkpoints[-1]
 
 
-def check_same_run(config: RunConfig, checkpoint: Path, force: bool) -> None:
-    """Refuses to resume `checkpoint` under a config or data that would make it another run."""
-    saved = load_config(checkpoint / CONFIG_FILE_NAME)
+def check_same_run(config: RunConfig, resolved: Resolved, checkpoint: Path, force: bool) -> None:
+    """Refuses to resume `checkpoint` under a config, data or resolved choices that would make it another run."""
+    saved = load_run_config(checkpoint)
     changes = [
         f"{key}: {before!r} -> {after!r}"
-        for key, (before, after) in _differences(saved, config).items()
+        for key, (before, after) in _differences(saved.model_dump(mode="json"), config.model_dump(mode="json")).items()
         if key not in MAY_CHANGE
     ]
+    saved_choices = read_saved_choices(checkpoint)
+    if saved_choices is not None:
+        changes += [
+            f"resolved {key}: {before!r} -> {after!r} (decided for this machine)"
+            for key, (before, after) in _differences(saved_choices, resolved.choices()).items()
+            if key not in RESOLVED_MAY_CHANGE
+        ]
     fingerprint_file = checkpoint / FINGERPRINT_FILE_NAME
     if fingerprint_file.is_file():
         before = json.loads(fingerprint_file.read_text(encoding="utf-8"))
@@ -103,8 +113,8 @@ def remove_staging(output_dir: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _differences(before: RunConfig, after: RunConfig) -> dict[str, tuple[Any, Any]]:
-    flat_before, flat_after = _flatten(before.model_dump(mode="json")), _flatten(after.model_dump(mode="json"))
+def _differences(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    flat_before, flat_after = _flatten(before), _flatten(after)
     return {
         key: (flat_before.get(key), flat_after.get(key))
         for key in sorted(set(flat_before) | set(flat_after))

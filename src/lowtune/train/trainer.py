@@ -1,4 +1,4 @@
-"""transformers.Trainer set up from a lowtune config: arguments, collator, callbacks."""
+"""transformers.Trainer set up from a lowtune config and its resolved choices: arguments, collator, callbacks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from transformers import (
@@ -24,32 +23,25 @@ from transformers import (
 )
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import rotate_checkpoints
 
+from lowtune import internals
 from lowtune.config import RunConfig
 from lowtune.data.batching import LengthBucketBatchSampler
 from lowtune.data.pack import PackedCollator, PaddedCollator
 from lowtune.errors import RunStopped
-from lowtune.eval.evaluate import eval_loss
-from lowtune.model.attention import choose_attention
+from lowtune.model.attention import set_attention
 from lowtune.train.kernels import apply_kernels
 from lowtune.train.loss import install_hidden_state_loss
 from lowtune.train.progress import RichProgressCallback
+from lowtune.train.resolve import Resolved
 from lowtune.train.resume import STAGING_PREFIX, complete_checkpoints
+from lowtune.train.validate import eval_loss
 
 log = logging.getLogger(__name__)
 
 
-def mixed_precision(config: RunConfig) -> dict[str, bool]:
-    """Autocast flags for Trainer; the adapters themselves stay fp32 (peft keeps them so)."""
-    precision = config.model.precision
-    if precision == "fp16" and not torch.cuda.is_available():
-        log.info("fp16 on the CPU: no autocast (CPU autocast is bf16); fp16 weights, fp32 adapters")
-        return {}
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
-
-
-def training_arguments(config: RunConfig, evaluate: bool = False) -> TrainingArguments:
+def training_arguments(config: RunConfig, resolved: Resolved, evaluate: bool = False) -> TrainingArguments:
+    """Trainer's arguments; autocast as resolved (the adapters themselves stay fp32: peft keeps them so)."""
     train = config.train
     evaluation = {}
     if evaluate:  # at the start (the base model's loss), every eval_steps, and at the end
@@ -58,14 +50,14 @@ def training_arguments(config: RunConfig, evaluate: bool = False) -> TrainingArg
         )
     return TrainingArguments(
         output_dir=config.output_dir,
-        per_device_train_batch_size=train.batch_size,
+        per_device_train_batch_size=resolved.batching.records or 1,  # the batch sampler makes the batches
         gradient_accumulation_steps=train.gradient_accumulation,
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.scheduler,
         warmup_steps=train.warmup_ratio,  # transformers reads a value below 1 as a share of the steps
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
-        num_train_epochs=train.epochs,
+        num_train_epochs=train.epochs or 1,
         max_steps=train.max_steps or -1,
         logging_steps=train.logging_steps,
         logging_first_step=True,
@@ -78,9 +70,10 @@ def training_arguments(config: RunConfig, evaluate: bool = False) -> TrainingArg
         disable_tqdm=True,
         logging_nan_inf_filter=False,  # a NaN loss must show (and stop the run), not be averaged away
         remove_unused_columns=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),
-        **mixed_precision(config),
+        dataloader_pin_memory=resolved.device != "cpu",
+        use_cpu=resolved.device == "cpu",
+        bf16=resolved.autocast == "bf16",
+        fp16=resolved.autocast == "fp16",
         **evaluation,
     )
 
@@ -108,12 +101,8 @@ class LowtuneTrainer(Trainer):
         step = self.state.global_step
         staging = run_dir / f"{STAGING_PREFIX}{step}"
         shutil.rmtree(staging, ignore_errors=True)
-        real_output_dir = self._get_output_dir
-        self._get_output_dir = lambda trial=None: str(staging)  # Trainer writes checkpoint-N inside this folder
-        try:
+        with internals.trainer_output_dir(self, str(staging)):  # Trainer writes checkpoint-N inside this folder
             super()._save_checkpoint(model, trial)
-        finally:
-            self._get_output_dir = real_output_dir
         self.accelerator.wait_for_everyone()  # every process has written its RNG state into the staging folder
         if not self.args.should_save:
             return
@@ -122,7 +111,7 @@ class LowtuneTrainer(Trainer):
             self.checkpoint_files(written)
         os.replace(written, final)
         shutil.rmtree(staging, ignore_errors=True)
-        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit, use_mtime=False)
+        internals.rotate_checkpoints(str(run_dir), self.args.save_total_limit)
 
     def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
         """Stops the run before an optimizer step would apply a NaN or infinite gradient (with fp16, infinities
@@ -163,16 +152,15 @@ class LowtuneTrainer(Trainer):
             pin_memory=self.args.dataloader_pin_memory,
         )
         prepared = self.accelerator.prepare(loader)
-        shard = getattr(prepared, "batch_sampler", None)
-        if shard is not None and getattr(shard, "batch_sampler", None) is self.batch_sampler:
-            # accelerate must not share out the shares again, nor drop batches whose size differs from batch_size.
-            shard.num_processes, shard.process_index, shard.batch_size = 1, 0, None
+        internals.keep_batch_sampler(prepared, self.batch_sampler, self.args.world_size)
         return prepared
 
 
-def resolve_packing(setting: bool | str) -> bool:
-    """train.packing; auto packs on CUDA, where varlen attention makes packed rows free of padding and masks."""
-    return torch.cuda.is_available() if setting == "auto" else bool(setting)
+# The private Trainer methods LowtuneTrainer overrides: if transformers stopped calling one, the override (the atomic
+# checkpoint, the NaN guard) would silently never run.
+internals.check_overrides(
+    LowtuneTrainer, Trainer, {"_save_checkpoint": ("model", "trial"), "_get_grad_norm": ("model", "grad_norm")}
+)
 
 
 class GracefulStop(TrainerCallback):
@@ -220,24 +208,26 @@ class FinalEvaluation(TrainerCallback):
 
 def build_trainer(
     config: RunConfig,
+    resolved: Resolved,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     rows: list[dict[str, list[int]]],
     eval_rows: list[dict[str, list[int]]] | None = None,
     checkpoint_files: Callable[[Path], None] | None = None,
 ) -> LowtuneTrainer:
-    train = config.train
-    packed = resolve_packing(train.packing)
-    log.info("packing: %s", "one row per micro-batch, no padding" if packed else "padded batches of similar lengths")
+    """A Trainer for `model` (with its LoRA adapters) on the encoded `rows`, as `resolved` chose."""
+    batching = resolved.batching
     lengths = [len(row["input_ids"]) for row in rows]
-    choose_attention(model.get_base_model(), train.attention, packed, max(lengths))
-    collator = PackedCollator() if packed else PaddedCollator(tokenizer.pad_token_id)
-    sampler = LengthBucketBatchSampler(lengths, train.batch_size, train.tokens_per_batch, packed, train.seed)
-    install_hidden_state_loss(model.get_base_model())
-    apply_kernels(model, train)
+    set_attention(model.get_base_model(), resolved.attention)
+    collator = PackedCollator() if batching.packed else PaddedCollator(tokenizer.pad_token_id)
+    sampler = LengthBucketBatchSampler(
+        lengths, batching.records or 1, batching.tokens, batching.packed, config.train.seed
+    )
+    install_hidden_state_loss(model.get_base_model(), resolved.loss, resolved.onednn)
+    apply_kernels(model, resolved)
     trainer = LowtuneTrainer(
         model=model,
-        args=training_arguments(config, evaluate=bool(eval_rows)),
+        args=training_arguments(config, resolved, evaluate=bool(eval_rows)),
         train_dataset=rows,
         eval_dataset=eval_rows or None,
         data_collator=collator,
@@ -252,6 +242,4 @@ def build_trainer(
     trainer.add_callback(GracefulStop())
     if trainer.is_world_process_zero():
         trainer.add_callback(TensorBoardCallback(SummaryWriter(str(Path(config.output_dir) / "tensorboard"))))
-    budget = f"up to {train.tokens_per_batch} tokens" if train.tokens_per_batch else f"{train.batch_size} records"
-    log.info("batches: %s of similar length (less padding), %d per epoch", budget, len(sampler))
     return trainer

@@ -70,7 +70,13 @@ def merge_adapter(
     if settings.quantization != "none":
         _explain_full_precision_merge(settings.quantization, dtype)
     chat_model = ChatModel.from_adapter(
-        adapter_dir, model_path, precision=dtype, quantization="none", compute_dtype=None
+        adapter_dir,
+        model_path,
+        precision=dtype,
+        quantization="none",
+        quant_type=None,
+        double_quant=None,
+        compute_dtype=None,
     )
     model = chat_model.model.merge_and_unload()
     _set_generation_stops(model, chat_model)

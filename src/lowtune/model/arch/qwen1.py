@@ -15,7 +15,7 @@ Qwen-1 is Qwen2's architecture under other names (checked against Qwen-7B-Chat's
 
 The two give the same logits up to the checkpoint's `seq_length`. Beyond it, the original switches on
 dynamic NTK rotary scaling and log-n attention scaling at inference (`use_dynamic_ntk`, `use_logn_attn`),
-which Qwen2 does not do: `warn_if_beyond_seq_length` says so. Two training-time details are not reproduced
+which Qwen2 does not do: `beyond_seq_length` says so. Two training-time details are not reproduced
 either: the first release's embedding dropout (`embd_pdrop`: 0.1), and its attention ignoring the padding
 mask (harmless with right padding).
 
@@ -27,7 +27,6 @@ registry, which is process-global (peft reads it too) and makes `save_pretrained
 from __future__ import annotations
 
 import json
-import logging
 import pickle
 import re
 import shutil
@@ -100,11 +99,13 @@ SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penal
 
 
 def is_qwen1_checkpoint(folder: str | Path) -> bool:
-    """Whether `folder` holds a Qwen-1 checkpoint (config.json with model_type qwen or a QWenLMHeadModel)."""
+    """Whether `folder` holds a Qwen-1 checkpoint."""
     path = Path(folder) / CONFIG_FILE_NAME
-    if not path.is_file():
-        return False
-    raw = _read_json(path)
+    return path.is_file() and is_qwen1_config(_read_json(path))
+
+
+def is_qwen1_config(raw: dict[str, Any]) -> bool:
+    """Whether a config.json describes a Qwen-1 model (model_type qwen, or a QWenLMHeadModel)."""
     return raw.get("model_type") == "qwen" or "QWenLMHeadModel" in (raw.get("architectures") or [])
 
 
@@ -116,7 +117,7 @@ def qwen2_config_from_qwen1(raw: dict[str, Any], file: str | Path | None = None)
         file: where it came from, for error messages.
 
     Returns:
-        A Qwen2Config; `qwen1_seq_length` holds the original training length (`warn_if_beyond_seq_length`).
+        A Qwen2Config; `qwen1_seq_length` holds the original training length (`trained_length`).
 
     Raises:
         UserError: listing every key Qwen2 cannot represent exactly, or a size the config lacks.
@@ -395,25 +396,18 @@ def load_qwen1_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
     return build_qwen_tokenizer(path)
 
 
-def is_converted_qwen1(config: Any) -> bool:
-    """Whether a model config came from a Qwen-1 checkpoint (loaded here, or written by `convert_qwen1`)."""
-    return getattr(config, "qwen1_seq_length", None) is not None
+def trained_length(raw: dict[str, Any]) -> int | None:
+    """A converted Qwen-1 model's training length (`qwen1_seq_length` in its Qwen2 config); None for other models."""
+    return raw.get("qwen1_seq_length")
 
 
-def warn_if_beyond_seq_length(config: Any, max_length: int, log: logging.Logger) -> bool:
-    """Warns (and returns True) when `max_length` exceeds a converted Qwen-1 model's training length."""
-    seq_length = getattr(config, "qwen1_seq_length", None)
-    if seq_length is None or max_length <= seq_length:
-        return False
-    log.warning(
-        "max length %d is beyond this Qwen-1 checkpoint's seq_length %d: past it the original model "
+def beyond_seq_length(length: int, trained: int) -> str:
+    return (
+        f"max length {length} is beyond this Qwen-1 checkpoint's seq_length {trained}: past it the original model "
         "applies dynamic NTK rotary scaling and log-n attention scaling at inference, which the converted "
         "Qwen2 model does not, so long inputs give other results than the original (and training on them "
-        "teaches positions the checkpoint never saw)",
-        max_length,
-        seq_length,
+        "teaches positions the checkpoint never saw)"
     )
-    return True
 
 
 def map_qwen1_target_modules(targets: list[str] | str) -> tuple[list[str] | str, dict[str, list[str]]]:

@@ -1,7 +1,8 @@
-"""The LoRA fine-tuning recipe: setup (check everything, then load), train, save.
+"""The LoRA fine-tuning recipe: prepare (check everything and decide every choice), train, save, evaluate, report.
 
 Everything that can be checked without the model weights (config, data files, every record, the tokenizer,
-the encoded lengths, the output folder) is checked before the weights are read.
+the encoded lengths, the output folder, and whether each setting can apply on this machine) is checked before the
+weights are read; the choices the config leaves open are made once, by `train/resolve.py`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_seed
 
-from lowtune.config import RunConfig, save_config
+from lowtune import internals
+from lowtune.config import ModelSettings, RunConfig, save_config
 from lowtune.data.encode import EncodedData, encode_examples
 from lowtune.data.read import Example, read_examples
 from lowtune.data.split import split_for_run
@@ -31,19 +33,14 @@ from lowtune.errors import RunStopped, UserError
 from lowtune.eval.evaluate import sample_generations
 from lowtune.eval.inspect import analyse_examples
 from lowtune.eval.report import write_report
-from lowtune.model import qwen1
+from lowtune.machine import Machine, this_machine
+from lowtune.model import arch
 from lowtune.model.attention import VARLEN
-from lowtune.model.load import check_quantization_possible, load_tokenizer, load_weights, resolve_model_path
+from lowtune.model.load import load_tokenizer, load_weights, resolve_model_path
 from lowtune.model.lora import attach_lora
 from lowtune.model.summary import summary_table
-from lowtune.train.memory import (
-    GIB,
-    MemoryPlan,
-    device_name,
-    peak_memory_gib,
-    plan_run,
-    read_model_config,
-)
+from lowtune.train.memory import GIB, MemoryPlan, peak_memory_gib
+from lowtune.train.resolve import Resolved, resolve_loading, resolve_run
 from lowtune.train.resume import (
     check_same_run,
     complete_checkpoints,
@@ -51,7 +48,7 @@ from lowtune.train.resume import (
     remove_staging,
     save_fingerprint,
 )
-from lowtune.train.trainer import GracefulStop, LowtuneTrainer, build_trainer, resolve_packing
+from lowtune.train.trainer import GracefulStop, LowtuneTrainer, build_trainer
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE_NAME = "run_summary.json"
@@ -60,7 +57,7 @@ REPORT_SAMPLES = 3
 
 @dataclass
 class Setup:
-    """What a run needs before its weights load: the records, their encoding, the chat format."""
+    """What a run needs before its weights load: the records, their encoding, the chat format, the choices."""
 
     examples: list[Example]
     tokenizer: PreTrainedTokenizerBase
@@ -68,15 +65,18 @@ class Setup:
     data: EncodedData
     held_out: list[Example]
     held_out_rows: list[dict[str, list[int]]]
+    resolved: Resolved
 
 
-def prepare(config: RunConfig, overwrite: bool = False, check_output: bool = True) -> Setup:
-    """Checks the output folder, reads and validates every record, and encodes them; loads no weights."""
+def prepare(
+    config: RunConfig, overwrite: bool = False, check_output: bool = True, machine: Machine | None = None
+) -> Setup:
+    """Checks the output folder, reads and validates every record, encodes them, and resolves every choice of the
+    run for `machine` (this one by default); loads no weights."""
     if check_output and int(os.environ.get("RANK", "0")) == 0:  # other processes would see the first one's files
         check_output_dir(Path(config.output_dir), overwrite)
     examples = read_examples(config.data.files, config.data.format, input_separator(config.data.template))
-    resolve_model_path(config.model.path)
-    check_quantization_possible(config.model)
+    model_folder = resolve_model_path(config.model.path)
     tokenizer = load_tokenizer(config.model)
     chat_format = build_chat_format(config.data.template, tokenizer, config.data.system)
     log.info("chat format: %s (end of turn %s)", chat_format.name, chat_format.end_of_turn)
@@ -93,7 +93,10 @@ def prepare(config: RunConfig, overwrite: bool = False, check_output: bool = Tru
     held_out_rows = encode_examples(held_out, chat_format, config.data.max_length).rows if held_out else []
     if held_out:
         log.info("%d records held out for evaluation", len(held_out))
-    return Setup(examples, tokenizer, chat_format, data, held_out, held_out_rows)
+    model_config = arch.read_model_config(model_folder)
+    resolved = resolve_run(config, machine or this_machine(), model_config, data.lengths, chat_format.name)
+    resolved.log()
+    return Setup(examples, tokenizer, chat_format, data, held_out, held_out_rows, resolved)
 
 
 def run(
@@ -116,30 +119,29 @@ def run(
     output = Path(config.output_dir)
     setup = prepare(config, overwrite=overwrite or resume is not None)
     checkpoint = find_checkpoint(output, resume) if resume else None
+    resolved = setup.resolved
     if checkpoint is not None:
-        check_same_run(config, checkpoint, force)
+        check_same_run(config, resolved, checkpoint, force)
         log.info("resuming from %s", checkpoint)
     elif overwrite:
         remove_checkpoints(output)
     remove_staging(output)
-    plan = plan_for(config, setup)
-    log.info("planned peak GPU memory: %.1f GiB (lowtune plan shows the parts)", plan.total / GIB)
-    model = load_weights(config.model)
-    qwen1.warn_if_beyond_seq_length(model.config, max(setup.data.lengths), log)
+    model = load_weights(config.model, resolved.loading)
     align_special_tokens(model, setup.tokenizer)
     set_seed(config.train.seed)  # the adapters' initial values too depend on the seed, not on what ran before
-    model = attach_lora(model, config.lora, plan.checkpointing)
+    model = attach_lora(model, config.lora, resolved.lora_targets, resolved.checkpointing)
     console.print(summary_table(model, title="Model with LoRA adapters"))
     trainer = build_trainer(
         config,
+        resolved,
         model,
         setup.tokenizer,
         setup.data.rows,
         setup.held_out_rows,
-        checkpoint_files=partial(save_run_files, config, setup.chat_format),
+        checkpoint_files=partial(save_run_files, config, setup.chat_format, resolved),
     )
     started = time.time()
-    result = train_or_explain(trainer, checkpoint, plan)
+    result = train_or_explain(trainer, checkpoint, resolved.plan)
     if trainer.is_world_process_zero():
         save_run(trainer, config, setup, output)
         write_summary(output, config, setup, trainer, result.metrics, time.time() - started)
@@ -148,14 +150,18 @@ def run(
     return output
 
 
-def train_or_explain(trainer: LowtuneTrainer, checkpoint: Path | None, plan: MemoryPlan) -> Any:
+def train_or_explain(trainer: LowtuneTrainer, checkpoint: Path | None, plan: MemoryPlan | None) -> Any:
     """trainer.train(); a run stopped by a signal or by running out of memory ends with what to do next."""
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError:
+        predicted = (
+            f"lowtune plan predicted a peak of {plan.total / GIB:.1f} GiB for {plan.tokens:,} tokens per micro-batch"
+            if plan
+            else "no memory plan for this model family"
+        )
         raise RunStopped(
-            f"out of GPU memory (lowtune plan predicted a peak of {plan.total / GIB:.1f} GiB for "
-            f"{plan.tokens:,} tokens per micro-batch).\n  fix: lower train.tokens_per_batch or train.batch_size "
+            f"out of GPU memory ({predicted}).\n  fix: lower train.tokens_per_batch or train.batch_size "
             "(raise train.gradient_accumulation to keep the batch), set train.gradient_checkpointing: offload, "
             "or quantize the base (model.quantization: 4bit)"
         ) from None
@@ -170,16 +176,28 @@ def train_or_explain(trainer: LowtuneTrainer, checkpoint: Path | None, plan: Mem
     return result
 
 
-def plan_for(config: RunConfig, setup: Setup) -> MemoryPlan:
-    """The run's memory plan, with the gradient checkpointing chosen for it."""
-    model_config = read_model_config(resolve_model_path(config.model.path))
-    return plan_run(config, model_config, setup.data.lengths, resolve_packing(config.train.packing))
+def load_model(
+    path: str | Path | None = None, precision: str = "auto", quantization: str | None = None, **settings: Any
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Python API: a local model and its tokenizer, loaded as `lowtune train` would load them on this machine.
+
+    Args:
+        path: a local model folder (Hugging Face layout or Qwen-1); None for the embedded SmolLM2-135M-Instruct.
+        precision: auto, fp32, fp16 or bf16.
+        quantization: None/"none", "8bit" or "4bit".
+        **settings: any other field of `ModelSettings` (quant_type, double_quant, compute_dtype, device_map).
+    """
+    model_settings = ModelSettings(
+        path=None if path is None else str(path), precision=precision, quantization=quantization or "none", **settings
+    )
+    loading = resolve_loading(model_settings, this_machine())
+    return load_weights(model_settings, loading), load_tokenizer(model_settings)
 
 
 def write_run_report(output: Path, config: RunConfig, setup: Setup, trainer: Trainer) -> None:
     """loss.png, length_histogram.png and report.md, with a few replies of the trained model."""
     model = trainer.model
-    if model.config._attn_implementation == VARLEN:  # generation runs on padded prompts, not packed rows
+    if internals.attention_implementation(model) == VARLEN:  # generation runs on padded prompts, not packed rows
         model.get_base_model().set_attn_implementation("sdpa")
     shown = setup.held_out or setup.examples
     samples = sample_generations(model, setup.chat_format, shown, count=REPORT_SAMPLES, max_new_tokens=64)
@@ -207,15 +225,16 @@ def check_output_dir(output: Path, overwrite: bool) -> None:
 
 
 def save_run(trainer: Trainer, config: RunConfig, setup: Setup, output: Path) -> None:
-    """The adapter, tokenizer, chat format and resolved config: everything chat and merge need."""
+    """The adapter, tokenizer, chat format, config and choices: everything chat and merge need."""
     trainer.save_model(str(output))  # adapter and tokenizer
     trainer.save_state()
-    save_run_files(config, setup.chat_format, output)
+    save_run_files(config, setup.chat_format, setup.resolved, output)
 
 
-def save_run_files(config: RunConfig, chat_format: ChatFormat, folder: Path) -> None:
+def save_run_files(config: RunConfig, chat_format: ChatFormat, resolved: Resolved, folder: Path) -> None:
     """What makes a run or checkpoint folder self-contained: chat, merge and resume read these."""
     save_config(config, folder)
+    resolved.save(folder)
     chat_format.save(folder)
     save_fingerprint(config, folder)
 
@@ -246,7 +265,7 @@ def write_summary(
         },
         "trained_tokens_per_epoch": setup.data.trained_tokens,
         "peak_memory_gib": round(peak_memory_gib(), 3),
-        "device": device_name(),
+        "device": setup.resolved.machine,
         "versions": {name: metadata.version(name) for name in ("lowtune", "torch", "transformers", "peft")},
         "config": config.model_dump(mode="json"),
     }

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lowtune.data.read import Message
 from lowtune.data.templates import FORMATS
 from lowtune.errors import UserError
+from lowtune.export.merge import chat_template, merge_adapter
 from lowtune.infer.session import ChatModel, GenerationSettings
-from lowtune.model.merge import chat_template, merge_adapter
 from tests.conftest import MEMORISE, tiny_config, write_jsonl
 
 PROMPTS = [record["instruction"] for record in MEMORISE] + ["你好", "What is the capital of France?"]
@@ -114,7 +114,7 @@ def test_overwrite_never_deletes_the_adapter(tiny_run):
 
 
 def test_adapter_trained_in_4bit_merges_into_full_precision(tmp_path, tiny_qwen2, caplog):
-    from lowtune.train.recipe import run
+    from lowtune.recipe import run
 
     config = tiny_config(tiny_qwen2, write_jsonl(tmp_path / "data.jsonl", MEMORISE), tmp_path / "run", max_steps=2)
     config.model.quantization = "4bit"

@@ -1,0 +1,534 @@
+"""Every choice a run leaves open, decided in one place: the validated config and the machine in, one record out.
+
+`resolve_run` turns a `RunConfig`, a `Machine` (`lowtune/machine.py`), the model's config.json and the encoded
+lengths into a frozen `Resolved`: precision and the 4-bit compute dtype, device map, model family and LoRA targets,
+fused LoRA, each liger-kernel part, the loss kernel, how the frozen base products are computed, packing, attention,
+batching and gradient checkpointing (from the memory plan). Each choice is logged once with its reason, saved as
+`resolved.yaml` in the run folder and in every checkpoint (resume compares it), and printed by `lowtune plan`.
+Every other module reads the record; none decides again.
+
+A setting the user made that cannot apply here (liger-kernel on a CPU, fused LoRA on a family without a fused path,
+offloaded checkpoints without a GPU, ...) is a `UserError` naming why, raised before any weight is loaded.
+`resolve_loading` is the loading part alone, for chat, serve, eval and merge.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.table import Table
+
+from lowtune.config import ModelSettings, RunConfig
+from lowtune.errors import Problem, UserError
+from lowtune.machine import Machine
+from lowtune.model import arch
+from lowtune.model.arch import PROJECTIONS, Family, Shape
+from lowtune.model.attention import EAGER_ON_CPU_UP_TO, VARLEN
+from lowtune.model.checkpointing import Checkpointing
+from lowtune.model.load import Loading
+from lowtune.train.memory import (
+    GIB,
+    PRECISION_BYTES,
+    MemoryPlan,
+    RunShape,
+    host_share,
+    largest_batch_tokens,
+    linear_weights,
+)
+
+log = logging.getLogger(__name__)
+
+RESOLVED_FILE_NAME = "resolved.yaml"
+LIGER_PARTS = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")
+DEFAULT_BATCH_SIZE = 8
+GPU_BUDGET = 0.9  # share of the GPU's memory a run may plan to use
+DENSE_COPY_SHARE = 0.25  # the cached dense base weights may take this share of the available host memory
+BF16_ON_AVX2_SLOWDOWN = "~30x"  # a bf16 matrix product against fp32 on a CPU without native bf16 (docs/quality.md)
+OFF = Checkpointing("off")
+
+
+@dataclass(frozen=True)
+class Batching:
+    """What one micro-batch and one optimizer step hold."""
+
+    records: int | None  # records per micro-batch; None when filled by tokens
+    tokens: int | None  # the token budget of a micro-batch
+    accumulation: int
+    packed: bool
+    largest: int  # tokens in the largest micro-batch of the first epoch (padding included when padded)
+
+    def describe(self) -> str:
+        size = f"{self.records} records" if self.records else f"up to {self.tokens:,} tokens"
+        rows = "packed into one row" if self.packed else "padded, similar lengths together"
+        return f"{size} per micro-batch ({rows}), {self.accumulation} per step; largest {self.largest:,} tokens"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The run's choices (see the module docstring); `reasons` says why each was made."""
+
+    machine: str
+    device: str  # "cuda:N" or "cpu"
+    loading: Loading
+    family: str | None  # the model/arch family; None: peft's own LoRA modules
+    lora_targets: list[str] | str
+    fused_lora: bool
+    liger: tuple[str, ...]  # the liger-kernel parts in use (LIGER_PARTS)
+    loss: str  # "chunked", "liger" or "transformers"
+    base_weights: str  # the fused groups' frozen weights: "per use" (dequantized when needed) or "cached"
+    onednn: bool  # the cached base products through oneDNN
+    packing: bool
+    attention: str
+    batching: Batching
+    checkpointing: Checkpointing
+    length: str  # "N steps" or "N epochs"
+    chat_format: str
+    reasons: dict[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    plan: MemoryPlan | None = None
+
+    @property
+    def autocast(self) -> str | None:
+        """Trainer's mixed precision: bf16, fp16 (with loss scaling, CUDA only) or none."""
+        precision = self.loading.precision
+        if precision == "bf16" or (precision == "fp16" and self.device != "cpu"):
+            return precision
+        return None
+
+    def choices(self) -> dict[str, Any]:
+        """Every choice as plain values (what resolved.yaml holds and resume compares)."""
+        return {
+            "device": self.device,
+            "precision": self.loading.precision,
+            "autocast": self.autocast or "none",
+            "loading": {k: v for k, v in asdict(self.loading).items() if k != "precision"},
+            "family": self.family or "none (peft's LoRA modules)",
+            "lora_targets": self.lora_targets,
+            "fused_lora": self.fused_lora,
+            "liger": list(self.liger),
+            "loss": self.loss,
+            "base_weights": self.base_weights,
+            "onednn": self.onednn,
+            "packing": self.packing,
+            "attention": self.attention,
+            "batching": asdict(self.batching),
+            "gradient_checkpointing": self.checkpointing.describe(self.plan.layers if self.plan else None),
+            "length": self.length,
+            "chat_format": self.chat_format,
+        }
+
+    def to_yaml(self) -> str:
+        record = {"machine": self.machine, "choices": self.choices(), "reasons": self.reasons}
+        if self.warnings:
+            record["warnings"] = list(self.warnings)
+        if self.plan is not None:
+            record["memory_plan_gib"] = self.plan.summary()
+        return yaml.safe_dump(record, sort_keys=False, allow_unicode=True, width=120)
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / RESOLVED_FILE_NAME
+        path.write_text(self.to_yaml(), encoding="utf-8")
+        return path
+
+    def log(self) -> None:
+        """One line per choice, with its reason; the warnings after them."""
+        for name, value in self.choices().items():
+            reason = self.reasons.get(name)
+            log.info("%s: %s%s", name.replace("_", " "), _show(value), f" ({reason})" if reason else "")
+        for warning in self.warnings:
+            log.warning("%s", warning)
+
+    def table(self) -> Table:
+        table = Table(title=f"Resolved for {self.machine}", show_header=False, title_justify="left")
+        for name, value in self.choices().items():
+            table.add_row(name.replace("_", " "), _show(value), self.reasons.get(name, ""))
+        return table
+
+
+def read_saved_choices(folder: str | Path) -> dict[str, Any] | None:
+    """The choices a run or checkpoint folder recorded, or None for one written before resolved.yaml existed."""
+    path = Path(folder) / RESOLVED_FILE_NAME
+    if not path.is_file():
+        return None
+    return yaml.safe_load(path.read_text(encoding="utf-8"))["choices"]
+
+
+class _Decisions:
+    """Collects the reasons, warnings and impossible settings while `resolve_run` decides."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, str] = {}
+        self.warnings: list[str] = []
+        self.problems: list[Problem] = []
+
+    def why(self, name: str, reason: str) -> None:
+        self.reasons[name] = reason
+
+    def refuse(self, message: str, fix: str) -> None:
+        self.problems.append(Problem(message, fix=fix))
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise UserError(self.problems)
+
+
+def resolve_loading(settings: ModelSettings, machine: Machine, decisions: _Decisions | None = None) -> Loading:
+    """Precision, 4-bit details and device map for loading `settings`' model on `machine`."""
+    decisions = decisions or _Decisions()
+    on_gpu = machine.cuda and settings.device_map != "cpu"
+    precision = _precision(settings, machine, on_gpu, decisions)
+    if settings.quantization != "none" and not machine.has("bitsandbytes"):
+        decisions.refuse(
+            f"quantization {settings.quantization} needs bitsandbytes, which is not installed",
+            "pip install 'lowtune[quant]', or set model.quantization: none",
+        )
+    four_bit = settings.quantization == "4bit"
+    if four_bit:
+        compute = settings.compute_dtype or precision
+        decisions.why("loading", f"4-bit {settings.quant_type or 'nf4'}, products in {compute}")
+    device_map = _device_map(settings, machine, on_gpu, decisions)
+    decisions.raise_problems()
+    return Loading(
+        precision=precision,
+        quantization=settings.quantization,
+        quant_type=(settings.quant_type or "nf4") if four_bit else "nf4",
+        double_quant=settings.double_quant is not False if four_bit else True,
+        compute_dtype=(settings.compute_dtype or precision) if four_bit else None,
+        device_map=device_map,
+        fsdp=machine.fsdp and four_bit,
+    )
+
+
+def _precision(settings: ModelSettings, machine: Machine, on_gpu: bool, decisions: _Decisions) -> str:
+    asked = settings.precision
+    if on_gpu:
+        gpu = machine.gpu
+        if asked == "auto":
+            chosen = "bf16" if gpu.native_bf16 else "fp16"
+            decisions.why(
+                "precision",
+                f"{gpu.name} computes bf16 natively"
+                if gpu.native_bf16
+                else f"{gpu.name} (compute capability {gpu.capability[0]}.{gpu.capability[1]}) has no bf16: fp16 "
+                "with loss scaling",
+            )
+            return chosen
+        if "bf16" in (asked, settings.compute_dtype) and not gpu.native_bf16:
+            decisions.refuse(f"this GPU ({gpu.name}) has no bf16", "set model.precision: auto (fp16) or fp32")
+        decisions.why("precision", "model.precision")
+        return asked
+    cpu = machine.cpu
+    if asked == "auto":
+        if cpu.native_bf16:
+            decisions.why("precision", f"the CPU computes bf16 natively: {cpu.describe()}")
+            return "bf16"
+        decisions.why(
+            "precision",
+            f"the CPU has no native bf16 ({cpu.describe()}): a bf16 matrix product there is {BF16_ON_AVX2_SLOWDOWN} "
+            "slower than fp32",
+        )
+        return "fp32"
+    if "bf16" in (asked, settings.compute_dtype) and not cpu.native_bf16:
+        decisions.warnings.append(
+            f"model.precision bf16 on a CPU without native bf16 ({cpu.describe()}): its bf16 matrix products run "
+            f"{BF16_ON_AVX2_SLOWDOWN} slower than fp32 (precision: auto picks fp32 here)"
+        )
+    if asked == "fp16":
+        decisions.warnings.append("model.precision fp16 on the CPU: fp16 weights, fp32 adapters, no autocast")
+    decisions.why("precision", "model.precision")
+    return asked
+
+
+def _device_map(settings: ModelSettings, machine: Machine, on_gpu: bool, decisions: _Decisions) -> Any:
+    if machine.fsdp:
+        decisions.why("device", "FSDP places and shards the model")
+        return None
+    if not on_gpu:
+        if settings.device_map not in ("auto", "cpu"):
+            decisions.refuse(
+                f"model.device_map {settings.device_map} spreads the model over GPUs, and this machine has none",
+                "set model.device_map: auto",
+            )
+        decisions.why("device", "model.device_map cpu" if settings.device_map == "cpu" else "no CUDA device")
+        return {"": "cpu"}
+    if settings.device_map == "auto":
+        # One whole model per process: Trainer (and torchrun/accelerate) then own the placement.
+        decisions.why("device", f"{machine.gpu.name}, the whole model on this process's GPU")
+        return {"": machine.local_rank}
+    decisions.why("device", f"model.device_map {settings.device_map}")
+    return settings.device_map
+
+
+def resolve_run(
+    config: RunConfig, machine: Machine, model_config: dict[str, Any], lengths: list[int], chat_format: str
+) -> Resolved:
+    """Every choice of the run `config` describes, on `machine`; raises UserError for settings that cannot apply.
+
+    Args:
+        config: the validated run config.
+        machine: what this machine can run.
+        model_config: the model's config.json (in Qwen2 terms for Qwen-1, see `arch.read_model_config`).
+        lengths: the encoded training records' token counts.
+        chat_format: the chat format's name (decided from the tokenizer by `data/templates.py`).
+    """
+    decisions = _Decisions()
+    train = config.train
+    loading = resolve_loading(config.model, machine, decisions)
+    device = "cpu" if loading.device_map == {"": "cpu"} else f"cuda:{machine.local_rank}"
+    on_gpu = device != "cpu"
+    family = arch.family_for(model_config)
+    targets, mapping = arch.lora_target_names(model_config, config.lora.target_modules)
+    if mapping:
+        decisions.why("lora_targets", "Qwen-1 names: " + ", ".join(f"{k} -> {'/'.join(v)}" for k, v in mapping.items()))
+    shape = family.shape(model_config) if family else None
+    fused = _fused_lora(train.fused_lora, family, model_config, shape, targets, decisions)
+    head_trains = isinstance(targets, list) and "lm_head" in targets
+    liger = _liger(train.liger, machine, on_gpu, family, head_trains, decisions)
+    loss = _loss(head_trains, liger, decisions)
+    packing = _packing(train.packing, on_gpu, decisions)
+    attention = _attention(train.attention, machine, on_gpu, packing, max(lengths), decisions)
+    batching = _batching(train, packing, lengths, decisions)
+    compute = loading.compute_dtype or loading.precision
+    base_weights, onednn = _base_products(fused, on_gpu, shape, compute, machine, decisions)
+    warning = arch.context_warning(model_config, max(lengths))
+    if warning:
+        decisions.warnings.append(warning)
+    run_shape = None
+    if shape is not None:
+        run_shape = RunShape(
+            shape=shape,
+            quantization=loading.quantization,
+            precision=loading.precision,
+            double_quant=loading.double_quant,
+            rank=config.lora.r,
+            targets=frozenset(arch.targeted_projections(targets, shape.layers)),
+            tokens=batching.largest,
+            dropout=config.lora.dropout,
+            fused=fused,
+            dense_copy_bytes=_dense_copy_bytes(shape, compute) if base_weights == "cached" else 0,
+        )
+    checkpointing, plan = _checkpointing(train.gradient_checkpointing, machine, on_gpu, run_shape, decisions)
+    decisions.raise_problems()
+    length = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs or 1:g} epochs"
+    return Resolved(
+        machine=machine.describe(),
+        device=device,
+        loading=loading,
+        family=family.name if family else None,
+        lora_targets=targets,
+        fused_lora=fused,
+        liger=liger,
+        loss=loss,
+        base_weights=base_weights,
+        onednn=onednn,
+        packing=packing,
+        attention=attention,
+        batching=batching,
+        checkpointing=checkpointing,
+        length=length,
+        chat_format=chat_format,
+        reasons=decisions.reasons,
+        warnings=tuple(decisions.warnings),
+        plan=plan,
+    )
+
+
+def _fused_lora(
+    setting: bool | str,
+    family: Family | None,
+    model_config: dict[str, Any],
+    shape: Shape | None,
+    targets: list[str] | str,
+    decisions: _Decisions,
+) -> bool:
+    if setting is False:
+        decisions.why("fused_lora", "train.fused_lora: false (peft's own LoRA forward)")
+        return False
+    blocker = None
+    if family is None:
+        blocker = f"model_type {model_config.get('model_type')!r} is not a family lowtune has a fused path for"
+    else:
+        blocker = family.fused_lora_blocker(model_config)
+        missing = set(PROJECTIONS) - arch.targeted_projections(targets, shape.layers)
+        if blocker is None and missing:
+            blocker = f"it needs adapters on all seven projections of every layer; none on {', '.join(sorted(missing))}"
+    if blocker is None:
+        decisions.why("fused_lora", f"{family.name} family: q/k/v, o, gate/up and down each one fused function")
+        return True
+    if setting is True:
+        decisions.refuse(f"train.fused_lora: true cannot apply: {blocker}", "set train.fused_lora: auto")
+    decisions.why("fused_lora", f"peft's own LoRA forward: {blocker}")
+    return False
+
+
+def _liger(
+    setting: bool | str, machine: Machine, on_gpu: bool, family: Family | None, head_trains: bool, decisions: _Decisions
+) -> tuple[str, ...]:
+    if setting is False:
+        decisions.why("liger", "train.liger: false")
+        return ()
+    blocker = None
+    if not on_gpu:
+        blocker = "liger-kernel's kernels are Triton GPU kernels, and this run is on the CPU"
+    elif not machine.has("liger_kernel"):
+        blocker = "liger-kernel is not installed (pip install 'lowtune[cuda]')"
+    elif family is None:
+        blocker = "lowtune applies liger-kernel to the families it knows (llama, qwen3)"
+    if blocker is not None:
+        if setting is True:
+            decisions.refuse(f"train.liger: true cannot apply: {blocker}", "set train.liger: auto")
+        decisions.why("liger", blocker)
+        return ()
+    parts = LIGER_PARTS if not head_trains else LIGER_PARTS[:-1]
+    decisions.why(
+        "liger", "CUDA with liger-kernel installed" + ("; the head trains, so no fused loss" if head_trains else "")
+    )
+    return parts
+
+
+def _loss(head_trains: bool, liger: tuple[str, ...], decisions: _Decisions) -> str:
+    if head_trains:
+        decisions.why("loss", "transformers' own: the output layer trains")
+        return "transformers"
+    if "fused_linear_cross_entropy" in liger:
+        decisions.why("loss", "liger-kernel's fused linear cross-entropy from hidden states (no logits kept)")
+        return "liger"
+    decisions.why("loss", "chunked linear cross-entropy from hidden states: only labelled positions, a chunk at a time")
+    return "chunked"
+
+
+def _packing(setting: bool | str, on_gpu: bool, decisions: _Decisions) -> bool:
+    if setting != "auto":
+        decisions.why("packing", "train.packing")
+        return bool(setting)
+    if on_gpu:
+        decisions.why("packing", "CUDA: varlen attention makes one packed row free of padding and masks")
+        return True
+    decisions.why("packing", "CPU: padded batches of similar lengths (no varlen attention kernel on the CPU)")
+    return False
+
+
+def _attention(setting: str, machine: Machine, on_gpu: bool, packed: bool, longest: int, decisions: _Decisions) -> str:
+    varlen = on_gpu and machine.varlen_attention
+    if setting == VARLEN and not (packed and varlen):
+        decisions.refuse(
+            "train.attention lowtune_varlen needs CUDA, torch.nn.attention.varlen and packing",
+            "set train.attention: auto",
+        )
+    if setting != "auto":
+        decisions.why("attention", "train.attention")
+        return setting
+    if packed:
+        if varlen:
+            decisions.why("attention", "torch varlen flash attention over the packed records' boundaries")
+            return VARLEN
+        decisions.why("attention", "SDPA with a block-diagonal mask from the packed position ids")
+        return "sdpa"
+    if not on_gpu and longest <= EAGER_ON_CPU_UP_TO:
+        decisions.why("attention", f"on the CPU eager is faster than SDPA for rows up to {EAGER_ON_CPU_UP_TO} tokens")
+        return "eager"
+    decisions.why("attention", "SDPA on padded rows")
+    return "sdpa"
+
+
+def _batching(train: Any, packed: bool, lengths: list[int], decisions: _Decisions) -> Batching:
+    records = train.batch_size or (DEFAULT_BATCH_SIZE if train.tokens_per_batch is None else None)
+    largest = largest_batch_tokens(lengths, records or 1, train.tokens_per_batch, packed, train.seed)
+    if train.batch_size is None and train.tokens_per_batch is None:
+        decisions.why("batching", f"train.batch_size empty: {DEFAULT_BATCH_SIZE} records")
+    return Batching(records, train.tokens_per_batch, train.gradient_accumulation, packed, largest)
+
+
+def _dense_copy_bytes(shape: Shape, compute: str) -> int:
+    return linear_weights(shape) * PRECISION_BYTES[compute]
+
+
+def _base_products(
+    fused: bool, on_gpu: bool, shape: Shape | None, compute: str, machine: Machine, decisions: _Decisions
+) -> tuple[str, bool]:
+    if not fused:
+        decisions.why("base_weights", "peft's modules compute their own base products")
+        return "per use", False
+    if on_gpu:
+        decisions.why("base_weights", "GPU: dequantized when used (a dense copy would undo the quantization's saving)")
+        return "per use", False
+    dense = _dense_copy_bytes(shape, compute)
+    room = DENSE_COPY_SHARE * machine.host_memory_available
+    if dense > room:
+        decisions.why(
+            "base_weights",
+            f"dequantized when used: a dense copy ({dense / GIB:.2f} GiB) would not fit in "
+            f"{DENSE_COPY_SHARE:.0%} of the free host memory",
+        )
+        return "per use", False
+    decisions.why(
+        "base_weights",
+        f"CPU: each group's weights dequantized once into one {compute} matrix ({dense / GIB:.2f} GiB of host "
+        "memory), not in every forward and backward",
+    )
+    onednn = compute == "fp32" and machine.cpu.mkl_fp32_is_slow and machine.mkl and machine.onednn
+    if onednn:
+        decisions.why(
+            "onednn",
+            f"MKL would run its SSE code for fp32 products on this CPU ({machine.cpu.vendor or 'unknown'}"
+            f"{', MKL_ENABLE_INSTRUCTIONS=' + machine.cpu.mkl_cap if machine.cpu.mkl_cap else ''}); oneDNN uses AVX2",
+        )
+    elif compute == "fp32":
+        decisions.why("onednn", "torch's BLAS (MKL uses this CPU's widest vectors)")
+    return "cached", onednn
+
+
+def _checkpointing(
+    setting: bool | str, machine: Machine, on_gpu: bool, run_shape: RunShape | None, decisions: _Decisions
+) -> tuple[Checkpointing, MemoryPlan | None]:
+    def planned(checkpointing: Checkpointing) -> tuple[Checkpointing, MemoryPlan | None]:
+        return checkpointing, run_shape.plan(checkpointing) if run_shape else None
+
+    if setting == "offload" and not on_gpu:
+        decisions.refuse(
+            "train.gradient_checkpointing: offload moves layer inputs from the GPU to host memory, and this run is on "
+            "the CPU (they are in host memory already)",
+            "set train.gradient_checkpointing: true (or auto)",
+        )
+    if setting != "auto":
+        decisions.why("gradient_checkpointing", "train.gradient_checkpointing")
+        return planned(Checkpointing("offload" if setting == "offload" else "on" if setting else "off"))
+    if not on_gpu:
+        decisions.why("gradient_checkpointing", "CPU: memory is rarely the limit, and recomputing costs time")
+        return planned(OFF)
+    if run_shape is None:
+        decisions.why("gradient_checkpointing", "no memory plan for this model family: every layer, inputs on the GPU")
+        return planned(Checkpointing("on"))
+    budget = GPU_BUDGET * machine.gpu.memory
+    without = run_shape.plan(OFF)
+    if without.total <= budget:
+        decisions.why(
+            "gradient_checkpointing",
+            f"planned peak without it {without.total / GIB:.1f} GiB, GPU budget {budget / GIB:.1f} GiB",
+        )
+        return OFF, without
+    # As few layers as make it fit (each one recomputed costs time); their inputs offloaded when the host has room
+    # (as fast as keeping them on the GPU, 3.7 GiB less at 16k tokens on a 7B model: bench/NOTES.md).
+    layer_inputs, room = run_shape.plan(Checkpointing("offload")).host, host_share(machine.host_memory_available)
+    mode = "offload" if layer_inputs <= room else "on"
+    total = run_shape.shape.layers
+    count = next((n for n in range(1, total) if run_shape.plan(Checkpointing(mode, n)).total <= budget), total)
+    chosen = run_shape.plan(Checkpointing(mode, None if count == total else count))
+    decisions.why(
+        "gradient_checkpointing",
+        f"planned peak without it {without.total / GIB:.1f} GiB, with it {chosen.total / GIB:.1f} GiB, GPU budget "
+        f"{budget / GIB:.1f} GiB; layer inputs {layer_inputs / GIB:.1f} GiB, room in host memory {room / GIB:.1f} GiB",
+    )
+    return chosen.checkpointing, chosen
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_show(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(map(str, value)) or "none"
+    return str(value)

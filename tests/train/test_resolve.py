@@ -1,0 +1,254 @@
+"""The resolve step on faked machines: every choice, its reason, and the settings that cannot apply.
+
+The machines are described, not detected, so these tests give the same answers on every CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import pytest
+from transformers import Qwen2Config
+
+from lowtune.bench.model import QWEN_7B_SHAPE
+from lowtune.config import RunConfig
+from lowtune.errors import UserError
+from lowtune.machine import Cpu, Gpu, Machine, read_cpu
+from lowtune.model.arch import PROJECTIONS, llama
+from lowtune.model.checkpointing import Checkpointing
+from lowtune.train.memory import GIB, RunShape
+from lowtune.train.resolve import resolve_loading, resolve_run
+
+QWEN_7B = Qwen2Config(**QWEN_7B_SHAPE).to_dict()
+LENGTHS = [200] * 400  # records of 200 tokens: 81 of them to a batch of 16k
+EPYC_AVX2 = Cpu("AMD EPYC 7B13", "AuthenticAMD", frozenset({"sse4_2", "avx", "avx2", "fma"}))
+XEON_AMX = Cpu("Intel Xeon Platinum 8480+", "GenuineIntel", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
+XEON_AVX512 = Cpu("Intel Xeon Gold 6148", "GenuineIntel", frozenset({"avx2", "avx512f"}))  # no BF16 in AVX512
+GPUS = {
+    "A100": Gpu("NVIDIA A100-SXM4-80GB", (8, 0), 80 * GIB),
+    "T4": Gpu("Tesla T4", (7, 5), 15 * GIB),
+    "H100": Gpu("NVIDIA H100 80GB HBM3", (9, 0), 80 * GIB),
+}
+
+
+def machine(cpu: Cpu = XEON_AMX, gpu: str | None = None, liger: bool = False, host_gib: float = 100) -> Machine:
+    packages = {"bitsandbytes"} | ({"liger_kernel"} if liger else set())
+    return Machine(
+        cpu=cpu,
+        gpu=GPUS[gpu] if gpu else None,
+        host_memory_available=int(host_gib * GIB),
+        packages=frozenset(packages),
+        varlen_attention=gpu is not None,
+    )
+
+
+def config(**sections) -> RunConfig:
+    raw = {"model": {"quantization": "4bit"}, "lora": {"target_modules": list(PROJECTIONS)}}
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return RunConfig.model_validate(raw)
+
+
+def resolve(run_config: RunConfig | None = None, on: Machine | None = None, model_config=None, lengths=None):
+    return resolve_run(run_config or config(), on or machine(), model_config or QWEN_7B, lengths or LENGTHS, "qwen")
+
+
+# What each machine gets for the same 4-bit run: (precision, autocast, packing, attention, liger parts, loss,
+# base weights, oneDNN).
+MATRIX = {
+    ("AVX2 EPYC", None, False): ("fp32", "none", False, "eager", [], "chunked", "cached", True),
+    ("AMX Xeon", None, False): ("bf16", "bf16", False, "eager", [], "chunked", "cached", False),
+    ("AVX512 Xeon", None, False): ("fp32", "none", False, "eager", [], "chunked", "cached", False),
+    ("AMX Xeon", "A100", False): ("bf16", "bf16", True, "lowtune_varlen", [], "chunked", "per use", False),
+    ("AMX Xeon", "A100", True): (
+        "bf16",
+        "bf16",
+        True,
+        "lowtune_varlen",
+        ["rms_norm", "rope", "swiglu", "fused_linear_cross_entropy"],
+        "liger",
+        "per use",
+        False,
+    ),
+    ("AVX2 EPYC", "T4", False): ("fp16", "fp16", True, "lowtune_varlen", [], "chunked", "per use", False),
+    ("AMX Xeon", "H100", True): (
+        "bf16",
+        "bf16",
+        True,
+        "lowtune_varlen",
+        ["rms_norm", "rope", "swiglu", "fused_linear_cross_entropy"],
+        "liger",
+        "per use",
+        False,
+    ),
+}
+CPUS = {"AVX2 EPYC": EPYC_AVX2, "AMX Xeon": XEON_AMX, "AVX512 Xeon": XEON_AVX512}
+
+
+@pytest.mark.parametrize(("cpu", "gpu", "liger"), list(MATRIX))
+def test_the_choices_on_each_machine(cpu, gpu, liger):
+    resolved = resolve(on=machine(CPUS[cpu], gpu, liger))
+    choices = resolved.choices()
+    found = tuple(
+        choices[key]
+        for key in ("precision", "autocast", "packing", "attention", "liger", "loss", "base_weights", "onednn")
+    )
+    assert found == MATRIX[(cpu, gpu, liger)]
+    assert choices["device"] == ("cpu" if gpu is None else "cuda:0")
+    assert choices["fused_lora"] is True and choices["family"] == "llama"
+    assert set(resolved.reasons) >= {"precision", "device", "fused_lora", "liger", "loss", "packing", "attention"}
+
+
+def test_the_reasons_name_what_the_machine_reported():
+    reasons = resolve(on=machine(EPYC_AVX2)).reasons
+    assert "no native bf16" in reasons["precision"] and "AMD EPYC 7B13 (avx2)" in reasons["precision"]
+    assert "SSE" in reasons["onednn"]
+    assert "T4" in resolve(on=machine(gpu="T4")).reasons["precision"]
+
+
+def test_a_onednn_cap_below_bf16_means_no_native_bf16():
+    """ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN off the CPU's bf16 instructions: the run is planned as on an AVX2 CPU."""
+    capped = Cpu(XEON_AMX.name, XEON_AMX.vendor, XEON_AMX.flags, onednn_cap="AVX2", mkl_cap="SSE4_2")
+    resolved = resolve(on=machine(capped))
+    assert resolved.loading.precision == "fp32" and resolved.onednn
+
+
+def test_read_cpu_takes_the_flags_and_vendor_the_cpu_reports(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    amd = read_cpu("vendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse4_2 avx avx2 fma\n")
+    assert (amd.vendor, amd.name, amd.native_bf16, amd.mkl_fp32_is_slow) == (
+        "AuthenticAMD",
+        "AMD EPYC 7B13",
+        False,
+        True,
+    )
+    arm = read_cpu("processor\t: 0\nFeatures\t: fp asimd bf16 sve\nCPU implementer\t: 0x41\n")
+    assert arm.native_bf16 and not arm.mkl_fp32_is_slow
+
+
+def test_explicit_bf16_on_a_cpu_without_it_runs_with_a_warning_and_on_an_old_gpu_is_refused():
+    resolved = resolve(config(model={"precision": "bf16"}), machine(EPYC_AVX2))
+    assert resolved.loading.precision == "bf16"
+    assert any("without native bf16" in warning and "30x" in warning for warning in resolved.warnings)
+    with pytest.raises(UserError, match="has no bf16"):
+        resolve(config(model={"precision": "bf16"}), machine(gpu="T4"))
+
+
+@pytest.mark.parametrize(
+    ("sections", "on", "message"),
+    [
+        ({"train": {"liger": True}}, machine(), "liger: true cannot apply: liger-kernel's kernels are Triton GPU"),
+        ({"train": {"liger": True}}, machine(gpu="A100"), "liger-kernel is not installed"),
+        ({"train": {"gradient_checkpointing": "offload"}}, machine(), "offload moves layer inputs"),
+        ({"train": {"attention": "lowtune_varlen"}}, machine(), "lowtune_varlen needs CUDA"),
+        ({"train": {"fused_lora": True}, "lora": {"target_modules": ["q_proj"]}}, machine(), "all seven projections"),
+        ({"model": {"device_map": "balanced"}}, machine(), "this machine has none"),
+    ],
+)
+def test_a_setting_that_cannot_apply_is_an_error(sections, on, message):
+    with pytest.raises(UserError, match=message):
+        resolve(config(**sections), on)
+
+
+def test_every_impossible_setting_is_reported_at_once():
+    run_config = config(train={"liger": True, "gradient_checkpointing": "offload", "attention": "lowtune_varlen"})
+    with pytest.raises(UserError) as raised:
+        resolve(run_config)
+    assert len(raised.value.problems) == 3
+
+
+def test_false_turns_a_feature_off_everywhere():
+    resolved = resolve(config(train={"liger": False, "fused_lora": False}), machine(gpu="H100", liger=True))
+    assert resolved.liger == () and resolved.loss == "chunked" and not resolved.fused_lora
+    assert resolved.base_weights == "per use"
+
+
+def test_an_unknown_family_trains_through_peft_and_says_so():
+    gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "vocab_size": 1000}
+    resolved = resolve(on=machine(), model_config=gpt2)
+    assert resolved.family is None and not resolved.fused_lora and resolved.plan is None
+    assert "'gpt2' is not a family lowtune has a fused path for" in resolved.reasons["fused_lora"]
+    with pytest.raises(UserError, match="train.fused_lora: true cannot apply"):
+        resolve(config(train={"fused_lora": True}), machine(), gpt2)
+    on_gpu = resolve(on=machine(gpu="A100"), model_config=gpt2)
+    assert on_gpu.checkpointing == Checkpointing("on") and "no memory plan" in on_gpu.reasons["gradient_checkpointing"]
+
+
+def test_a_config_without_sizes_is_a_clear_error():
+    with pytest.raises(UserError, match="config.json has no hidden_size"):
+        resolve(model_config={"model_type": "qwen2", "num_attention_heads": 4})
+
+
+def test_qwen1_target_names_are_mapped_and_recorded():
+    qwen1_converted = QWEN_7B | {"qwen1_seq_length": 8192}
+    resolved = resolve(config(lora={"target_modules": ["c_attn", "c_proj", "w1", "w2"]}), model_config=qwen1_converted)
+    assert resolved.lora_targets == ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj", "up_proj", "gate_proj"]
+    assert resolved.fused_lora and "c_attn -> q_proj/k_proj/v_proj" in resolved.reasons["lora_targets"]
+    long = resolve(model_config=qwen1_converted, lengths=[9000])
+    assert any("beyond this Qwen-1 checkpoint's seq_length 8192" in warning for warning in long.warnings)
+
+
+def test_the_dense_copy_is_left_out_where_the_host_has_no_room():
+    assert resolve(on=machine(EPYC_AVX2, host_gib=1)).base_weights == "per use"  # 7B in fp32: 24 GiB
+
+
+def test_resolve_loading_is_what_chat_and_merge_load_with():
+    from lowtune.config import ModelSettings
+
+    loading = resolve_loading(ModelSettings(quantization="4bit"), machine(EPYC_AVX2))
+    assert (loading.precision, loading.compute_dtype, loading.device_map) == ("fp32", "fp32", {"": "cpu"})
+    assert loading.quant_type == "nf4" and loading.double_quant
+    gpu = resolve_loading(ModelSettings(), machine(gpu="H100"))
+    assert (gpu.precision, gpu.device_map, gpu.compute_dtype) == ("bf16", {"": 0}, None)
+
+
+# --- gradient checkpointing by the memory plan --------------------------------------------------------------------
+
+
+def checkpointing(setting, gpu_gib=80, host_gib=100, gpu="H100"):
+    sized = replace(machine(gpu=gpu, host_gib=host_gib), gpu=Gpu("GPU", (9, 0), int(gpu_gib * GIB)))
+    run_config = config(train={"tokens_per_batch": 16384, "gradient_checkpointing": setting})
+    return resolve(run_config, sized)
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(True, "on"), (False, "off"), ("offload", "offload")])
+def test_a_checkpointing_setting_other_than_auto_is_taken_as_it_is(setting, expected):
+    assert checkpointing(setting).checkpointing == Checkpointing(expected)  # every layer
+
+
+def planned_peak(tokens: int, mode: str, layers: int) -> float:
+    """The plan resolve makes for the run in `checkpointing`, with `layers` checkpointed."""
+    shape = llama.FAMILY.shape(QWEN_7B)
+    run = RunShape(shape, "4bit", "bf16", True, 8, frozenset(PROJECTIONS), tokens, 0.05, True)
+    return run.plan(Checkpointing(mode, layers)).total
+
+
+def test_auto_on_a_gpu_checkpoints_the_fewest_layers_that_fit():
+    assert checkpointing("auto", gpu_gib=1000).checkpointing == Checkpointing("off")  # 7B at 16k needs ~86 GiB
+    for gpu_gib, host_gib, mode in ((80, 100, "offload"), (80, 6, "on"), (40, 100, "offload"), (10, 100, "offload")):
+        resolved = checkpointing("auto", gpu_gib=gpu_gib, host_gib=host_gib)
+        chosen = resolved.checkpointing
+        assert chosen.mode == mode  # offload when half the host's free memory holds the layer inputs (4 GiB)
+        budget, count, tokens = 0.9 * gpu_gib * GIB, chosen.checkpointed(32), resolved.batching.largest
+        assert planned_peak(tokens, mode, count) == resolved.plan.total
+        assert resolved.plan.total <= budget or count == 32
+        assert planned_peak(tokens, mode, count - 1) > budget  # one layer fewer would not fit
+    assert checkpointing("auto", gpu_gib=80).checkpointing.layers < 32 / 2  # an 80 GB GPU recomputes a few layers
+    assert checkpointing("auto", gpu_gib=10).checkpointing == Checkpointing("offload")  # a small GPU needs every one
+    assert "room in host memory 50.0 GiB" in checkpointing("auto", gpu_gib=80).reasons["gradient_checkpointing"]
+
+
+def test_on_the_cpu_auto_checkpointing_is_off():
+    assert resolve().checkpointing == Checkpointing("off")
+
+
+def test_the_log_has_one_line_per_choice(caplog):
+    caplog.set_level(logging.INFO, logger="lowtune.train.resolve")
+    resolved = resolve(on=machine(EPYC_AVX2))
+    resolved.log()
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == len(resolved.choices()) + len(resolved.warnings)
+    assert any(line.startswith("precision: fp32 (the CPU has no native bf16") for line in lines)
