@@ -63,6 +63,18 @@ def tiny_llama(tmp_path_factory, qwen_tokenizer) -> Path:
     return folder
 
 
+@pytest.fixture
+def qwen2_modeling_restored():
+    """liger-kernel also swaps classes in the modeling module (for models built later): undo it for the other
+    tests, which run on the CPU where its Triton kernels cannot."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    saved = dict(vars(modeling_qwen2))
+    yield
+    for name, value in saved.items():
+        setattr(modeling_qwen2, name, value)
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
     return path

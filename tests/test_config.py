@@ -57,6 +57,11 @@ def test_resolved_config_round_trips(tmp_path):
         ("train:\n  lr: 0.1\n", 2, "unknown key 'train.lr'"),
         ("trian:\n  epochs: 1\n", 1, "unknown key 'trian'"),
         ("model:\n  quantization: 8bit\n  compute_dtype: bf16\n", 1, "compute_dtype applies to quantization: 4bit"),
+        ("model:\n  quant_type: fp4\n", 1, "quant_type applies to quantization: 4bit only (here none)"),
+        ("train:\n  epochs: 2\n  max_steps: 10\n", 1, "give epochs or max_steps, not both"),
+        ("train:\n  batch_size: 2\n  tokens_per_batch: 4096\n", 1, "give batch_size or tokens_per_batch"),
+        ("train:\n  eval_steps: 10\n", 2, "eval_steps needs held-out records"),
+        ("data:\n  val_size: 0.1\n  eval_files: [x.jsonl]\n", 2, "give one"),
         ("model: [1, 2]\n", 1, "model"),
         ("train:\n  epochs: [\n", 3, "not valid YAML"),
     ],
@@ -94,3 +99,26 @@ def test_malformed_overrides(override):
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_settings_changed_in_code_are_validated_too():
+    from lowtune.config import ModelSettings
+
+    four_bit = ModelSettings(quantization="4bit", quant_type="fp4")
+    assert four_bit.updated(precision="fp32").precision == "fp32"
+    with pytest.raises(UserError, match="quant_type applies to quantization: 4bit only"):
+        four_bit.updated(quantization="none")  # what merge asks for, unless it clears the 4-bit settings too
+    assert four_bit.updated(quantization="none", quant_type=None).quant_type is None
+
+
+def test_a_run_folder_of_lowtune_0_1_still_loads(tmp_path):
+    """lowtune 0.1 saved every default into lowtune.yaml, some of which now contradict each other."""
+    from lowtune.config import load_run_config
+
+    (tmp_path / "lowtune.yaml").write_text(
+        "model:\n  precision: bf16\n  quantization: none\n  quant_type: nf4\n  double_quant: true\n"
+        "train:\n  epochs: 1.0\n  max_steps: 60\n  batch_size: 8\n"
+    )
+    config = load_run_config(tmp_path)
+    assert (config.model.quant_type, config.train.epochs, config.train.max_steps) == (None, None, 60)
+    assert config.train.batch_size == 8 and config.model.precision == "bf16"

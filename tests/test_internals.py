@@ -223,18 +223,6 @@ def test_dora_is_not_a_plain_adapter():
 # --- liger-kernel (installed with the dev extra; its patches are applied, never run, on the CPU) ---------------------
 
 
-@pytest.fixture
-def qwen2_modeling_restored():
-    """liger-kernel also swaps classes in the modeling module (for models built later): undo it for the other
-    tests, which run on the CPU where its Triton kernels cannot."""
-    from transformers.models.qwen2 import modeling_qwen2
-
-    saved = dict(vars(modeling_qwen2))
-    yield
-    for name, value in saved.items():
-        setattr(modeling_qwen2, name, value)
-
-
 def test_liger_patches_the_model_instance(qwen2_modeling_restored):
     model = tiny_model()
     internals.apply_liger(model, rms_norm=True, rope=False, swiglu=True)

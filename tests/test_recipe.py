@@ -120,3 +120,41 @@ def test_held_out_records_are_evaluated_during_training_and_reported(tmp_path, t
     assert (output / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (output / "report.md").read_text(encoding="utf-8")
     assert "loss.png" in report and "eval" in report.lower()
+
+
+def test_the_run_folder_records_the_choices_the_log_announced(tmp_path, tiny_qwen2, caplog):
+    import logging
+
+    import yaml
+
+    caplog.set_level(logging.INFO, logger="lowtune.train.resolve")
+    data = write_jsonl(tmp_path / "m.jsonl", MEMORISE)
+    output = run(tiny_config(tiny_qwen2, data, tmp_path / "run", max_steps=2, save_steps=2))
+    announced = {}
+    for record in (record for record in caplog.records if record.name == "lowtune.train.resolve"):
+        name, _, rest = record.getMessage().partition(": ")
+        announced[name.replace(" ", "_")] = rest
+    saved = yaml.safe_load((output / "resolved.yaml").read_text())
+    assert saved == yaml.safe_load((output / "checkpoint-2" / "resolved.yaml").read_text())
+    assert set(saved["choices"]) == set(announced) - {"warnings"}
+    for name, value in saved["choices"].items():
+        scalars = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        assert all(str(scalar) in announced[name] for scalar in scalars), name
+    assert saved["choices"]["precision"] == "fp32" and saved["choices"]["device"] == "cpu"
+    assert saved["reasons"]["precision"] == "model.precision"
+
+
+def test_plan_prints_every_choice_before_loading_weights(tmp_path, tiny_qwen2, monkeypatch, capsys):
+    from lowtune import recipe
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("lowtune plan loaded weights")
+
+    monkeypatch.setattr(recipe, "load_weights", no_weights)
+    data = write_jsonl(tmp_path / "m.jsonl", MEMORISE)
+    config = tmp_path / "c.yaml"
+    config.write_text(tiny_config(tiny_qwen2, data, tmp_path / "run").to_yaml(), encoding="utf-8")
+    assert cli(monkeypatch, "plan", str(config)) == 0
+    printed = capsys.readouterr().out
+    for row in ("precision", "fused lora", "base weights", "attention", "batching", "gradient checkpointing", "peak"):
+        assert row in printed, row

@@ -5,6 +5,7 @@ Every field carries its documentation; `lowtune config` prints it (see the READM
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,7 +70,11 @@ class ModelSettings(_Section):
 
     def updated(self, **changes: Any) -> ModelSettings:
         """A copy with `changes`, validated like the YAML (pydantic's model_copy would skip validation)."""
-        return ModelSettings.model_validate(self.model_dump() | changes)
+        try:
+            return ModelSettings.model_validate(self.model_dump() | changes)
+        except ValidationError as error:
+            source = "settings " + ", ".join(f"{key}={value!r}" for key, value in changes.items())
+            raise UserError([_problem_from(e, source, {}) for e in error.errors()]) from None
 
 
 class LoraSettings(_Section):
@@ -154,11 +159,15 @@ class TrainSettings(_Section):
     )
     fused_lora: bool | Literal["auto"] = Field(
         "auto",
-        description="Compute each decoder layer's q/k/v and gate/up LoRA projections in one fused function "
-        "(Llama-family layers with LoRA on all seven projections). auto: wherever it applies.",
+        description="Compute each decoder layer's q/k/v, o, gate/up and down LoRA projections as four fused functions "
+        "(the llama and qwen3 families, with LoRA on all seven projections). auto: wherever it applies; true where "
+        "it cannot apply is an error.",
     )
     liger: bool | Literal["auto"] = Field(
-        "auto", description="liger-kernel's RMSNorm, RoPE and SwiGLU kernels. auto: on CUDA when it is installed."
+        "auto",
+        description="liger-kernel's RMSNorm, RoPE and SwiGLU kernels and its fused linear cross-entropy (CUDA). auto: "
+        "on CUDA when it is installed; false: none of them; true where it cannot apply (CPU, not installed) is an "
+        "error.",
     )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
@@ -171,7 +180,7 @@ class TrainSettings(_Section):
         "auto",
         description="Recompute each decoder layer in the backward pass instead of keeping its activations. true: "
         "the layer inputs kept for that stay on the GPU; offload: they wait in pinned host memory, copied on a side "
-        "stream while the GPU computes (on the CPU a plain copy, which saves nothing); false: keep every activation. "
+        "stream while the GPU computes (GPU only); false: keep every activation. "
         "auto: off when the run fits in 90% of the GPU without it, else only as many of the first layers as make it "
         "fit (the last ones keep their activations), their inputs offloaded when the host has room for them; off "
         "on the CPU.",
@@ -324,17 +333,26 @@ def _problem_from(error: dict[str, Any], source: str, key_lines: dict[tuple[str,
     location = tuple(str(part) for part in error["loc"] if not isinstance(part, int))
     # pydantic reports union members as extra path parts ("list[str]", "literal['auto']"): cut them off.
     location = tuple(part for part in location if "[" not in part)
+    message = error["msg"].removeprefix("Value error, ")
+    if not location:  # a check across sections: it names the keys it is about, the first one locates it
+        named = re.search(r"\b(model|lora|data|train)\.(\w+)", message)
+        location = (named[1], named[2]) if named else ()
+        return Problem(message, source, _line_of(location, key_lines))
+    line = _line_of(location, key_lines)
+    key = ".".join(location)
+    if error["type"] == "extra_forbidden":
+        message = f"unknown key {key!r}"
+        return Problem(message, source, line, fix=_known_keys_hint(location))
+    return Problem(f"{key}: {message}", source, line)
+
+
+def _line_of(location: tuple[str, ...], key_lines: dict[tuple[str, ...], int]) -> int | None:
     line = None
     for depth in range(len(location), 0, -1):
         line = key_lines.get(location[:depth])
         if line is not None:
             break
-    key = ".".join(location) or "config"
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = f"unknown key {key!r}"
-        return Problem(message, source, line, fix=_known_keys_hint(location))
-    return Problem(f"{key}: {message}", source, line)
+    return line
 
 
 def _known_keys_hint(location: tuple[str, ...]) -> str:

@@ -188,6 +188,29 @@ def test_resume_refuses_a_changed_run_and_lists_the_changes(tmp_path, tiny_qwen2
         run(config, resume="latest")
 
 
+def test_resume_refuses_a_checkpoint_whose_choices_this_machine_makes_differently(tmp_path, tiny_qwen2, monkeypatch):
+    """precision: auto gave bf16 on a CPU with AMX; the same config on an AVX2-only CPU resolves fp32: another run."""
+    from dataclasses import replace
+
+    from lowtune import machine
+
+    config = tiny_config(
+        tiny_qwen2, write_jsonl(tmp_path / "m.jsonl", MEMORISE), tmp_path / "run", max_steps=2, save_steps=2
+    )
+    config.model.precision = "auto"
+    here = machine.this_machine()
+    amx = replace(here, cpu=machine.Cpu("Xeon", "GenuineIntel", frozenset({"avx2", "avx512f", "amx_bf16"})))
+    monkeypatch.setattr(machine, "_DETECTED", amx)
+    run(config)
+    assert "precision: bf16" in (tmp_path / "run" / "checkpoint-2" / "resolved.yaml").read_text()
+    monkeypatch.setattr(
+        machine, "_DETECTED", replace(here, cpu=machine.Cpu("EPYC", "AuthenticAMD", frozenset({"avx2"})))
+    )
+    config.train.max_steps = 3
+    with pytest.raises(UserError, match="resolved precision: 'bf16' -> 'fp32'"):
+        run(config, resume="latest")
+
+
 def test_raising_the_step_limit_trains_further(tmp_path, tiny_qwen2):
     config = tiny_config(
         tiny_qwen2, write_jsonl(tmp_path / "m.jsonl", MEMORISE), tmp_path / "run", max_steps=2, save_steps=2

@@ -105,7 +105,6 @@ class ActivationOffloader:
     def __init__(self, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.where = "pinned host" if self.stream is not None else "host (CPU: a plain copy, nothing saved)"
         self.offloaded = 0  # tensors moved so far
         self.fetched = 0  # tensors brought back so far
         self._last: weakref.ref[_HostCopy] | None = None

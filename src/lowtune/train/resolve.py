@@ -105,7 +105,8 @@ class Resolved:
             "device": self.device,
             "precision": self.loading.precision,
             "autocast": self.autocast or "none",
-            "loading": {k: v for k, v in asdict(self.loading).items() if k != "precision"},
+            "loading": {k: v for k, v in asdict(self.loading).items() if k != "precision"}
+            | {"device_map": _device_map_text(self.loading.device_map)},
             "family": self.family or "none (peft's LoRA modules)",
             "lora_targets": self.lora_targets,
             "fused_lora": self.fused_lora,
@@ -524,6 +525,15 @@ def _checkpointing(
         f"{budget / GIB:.1f} GiB; layer inputs {layer_inputs / GIB:.1f} GiB, room in host memory {room / GIB:.1f} GiB",
     )
     return chosen.checkpointing, chosen
+
+
+def _device_map_text(device_map: Any) -> str:
+    if device_map is None:
+        return "none (FSDP places the model)"
+    if isinstance(device_map, dict) and list(device_map) == [""]:
+        place = device_map[""]
+        return "cpu" if place == "cpu" else f"cuda:{place}"
+    return str(device_map)
 
 
 def _show(value: Any) -> str:
