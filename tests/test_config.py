@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,19 @@ def test_precedence_defaults_yaml_overrides(tmp_path):
     assert config.train.batch_size == 16  # override beats YAML
     assert config.train.epochs is None and config.model.precision == "auto"  # defaults
     assert config.lora.target_modules == ["q_proj", "v_proj"] and config.data.system == "你好"
+
+
+def test_an_override_replaces_the_files_other_way_of_saying_it(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lowtune.config")
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  epochs: 3\n  batch_size: 4\n", encoding="utf-8")
+    config = load_config(path, ["train.max_steps=6", "train.tokens_per_batch=2048"])
+    assert (config.train.epochs, config.train.max_steps) == (None, 6)
+    assert (config.train.batch_size, config.train.tokens_per_batch) == (None, 2048)
+    assert "train.epochs from the file no longer applies" in caplog.text
+    path.write_text("train:\n  epochs: 3\n  max_steps: 6\n", encoding="utf-8")
+    with pytest.raises(UserError, match="not both"):  # within one file, both is still a contradiction
+        load_config(path)
 
 
 def test_resolved_config_round_trips(tmp_path):

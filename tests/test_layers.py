@@ -36,12 +36,19 @@ def layer_of(module: str) -> int:
     return LAYERS[module.split(".")[1] if "." in module else "__init__"]
 
 
+def is_module(name: str) -> bool:
+    """`from lowtune import internals` names a module; `from lowtune import __version__` names the package root."""
+    return (PACKAGE / f"{name}.py").exists() or (PACKAGE / name).is_dir()
+
+
 def imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lowtune"):
             found |= (
-                {f"{node.module}.{alias.name}" for alias in node.names} if node.module == "lowtune" else {node.module}
+                {f"lowtune.{alias.name}" for alias in node.names if is_module(alias.name)}
+                if node.module == "lowtune"
+                else {node.module}
             )
         elif isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.startswith("lowtune")}

@@ -5,6 +5,7 @@ Every field carries its documentation; `lowtune config` prints it (see the READM
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lowtune.errors import Problem, UserError
+
+log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "fp16", "bf16"]
 PrecisionSetting = Literal["auto", "fp32", "fp16", "bf16"]
@@ -198,10 +201,14 @@ class TrainSettings(_Section):
 
     @model_validator(mode="after")
     def _one_way_to_say_each(self) -> TrainSettings:
-        for first, second in (("epochs", "max_steps"), ("batch_size", "tokens_per_batch")):
+        for first, second in ALTERNATIVES:
             if getattr(self, first) is not None and getattr(self, second) is not None:
                 raise ValueError(f"give {first} or {second}, not both")
         return self
+
+
+# Train settings that say the same thing two ways: a run gives one of each pair.
+ALTERNATIVES = (("epochs", "max_steps"), ("batch_size", "tokens_per_batch"))
 
 
 class RunConfig(_Section):
@@ -327,6 +334,17 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
             raise UserError.one(f"override {override!r}: {key} is not a section")
         target = child
     target[keys[-1]] = value
+    if keys[0] == "train" and len(keys) == 2 and value is not None:
+        _drop_alternative(target, keys[1])
+
+
+def _drop_alternative(train: dict[str, Any], key: str) -> None:
+    """An override of max_steps replaces the file's epochs (and each pair alike): the later word wins."""
+    for pair in ALTERNATIVES:
+        if key in pair:
+            other = pair[1 - pair.index(key)]
+            if train.pop(other, None) is not None:
+                log.info("train.%s given: train.%s from the file no longer applies", key, other)
 
 
 def _problem_from(error: dict[str, Any], source: str, key_lines: dict[tuple[str, ...], int]) -> Problem:

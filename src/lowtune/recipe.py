@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_seed
 
-from lowtune import internals
+from lowtune import __version__, internals
 from lowtune.config import ModelSettings, RunConfig, save_config
 from lowtune.data.encode import EncodedData, encode_examples
 from lowtune.data.read import Example, read_examples
@@ -266,7 +266,8 @@ def write_summary(
         "trained_tokens_per_epoch": setup.data.trained_tokens,
         "peak_memory_gib": round(peak_memory_gib(), 3),
         "device": setup.resolved.machine,
-        "versions": {name: metadata.version(name) for name in ("lowtune", "torch", "transformers", "peft")},
+        "versions": {"lowtune": __version__}
+        | {name: metadata.version(name) for name in ("torch", "transformers", "peft")},
         "config": config.model_dump(mode="json"),
     }
     (output / SUMMARY_FILE_NAME).write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
