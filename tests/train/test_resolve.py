@@ -104,6 +104,7 @@ def test_the_reasons_name_what_the_machine_reported():
     reasons = resolve(on=machine(EPYC_AVX2)).reasons
     assert "no native bf16" in reasons["precision"] and "AMD EPYC 7B13 (avx2)" in reasons["precision"]
     assert "SSE" in reasons["onednn"]
+    assert "fp32 products only" in resolve(on=machine(XEON_AMX)).reasons["onednn"]  # bf16 there: said, not silent
     assert "T4" in resolve(on=machine(gpu="T4")).reasons["precision"]
 
 

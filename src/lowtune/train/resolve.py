@@ -480,6 +480,8 @@ def _base_products(
         )
     elif compute == "fp32":
         decisions.why("onednn", "torch's BLAS (MKL uses this CPU's widest vectors)")
+    else:
+        decisions.why("onednn", f"torch's own {compute} kernels (oneDNN is lowtune's path for fp32 products only)")
     return "cached", onednn
 
 
