@@ -134,6 +134,10 @@ class DataSettings(_Section):
     eval_files: list[str] = Field([], description="Evaluation files (same formats as files) instead of val_size.")
 
 
+# Train settings that say the same thing two ways: a run gives one of each pair.
+ALTERNATIVES = (("epochs", "max_steps"), ("batch_size", "tokens_per_batch"))
+
+
 class TrainSettings(_Section):
     epochs: float | None = Field(
         None, gt=0, description="Passes over the data; empty: 1, or as many as max_steps takes (not both)."
@@ -205,10 +209,6 @@ class TrainSettings(_Section):
             if getattr(self, first) is not None and getattr(self, second) is not None:
                 raise ValueError(f"give {first} or {second}, not both")
         return self
-
-
-# Train settings that say the same thing two ways: a run gives one of each pair.
-ALTERNATIVES = (("epochs", "max_steps"), ("batch_size", "tokens_per_batch"))
 
 
 class RunConfig(_Section):
