@@ -243,3 +243,17 @@ def test_onednn_linear_computes_a_linear_layer():
     x, weight, bias = torch.randn(7, 16), torch.randn(12, 16), torch.randn(12)
     torch.testing.assert_close(internals.onednn_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
     torch.testing.assert_close(internals.onednn_linear(x, weight.T.contiguous().T), x @ weight.T)  # strided weight
+
+
+def test_a_fused_adamw_step_is_skipped_on_the_device_where_told():
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    for not_finite, expected in ((0.0, 1), (1.0, 1), (0.0, 2)):
+        weight.grad = torch.full((3,), float("nan") if not_finite else 1.0)
+        before = weight.detach().clone()
+        internals.skip_update_where(optimizer, torch.tensor(not_finite))
+        optimizer.step()
+        assert torch.isfinite(weight).all() and int(optimizer.state[weight]["step"]) == expected
+        assert torch.equal(weight.detach(), before) == bool(not_finite)  # skipped, or updated
+    with pytest.raises(internals.LibraryChanged, match="not a fused torch one"):
+        internals.skip_update_where(torch.optim.AdamW([weight], lr=0.1), torch.tensor(0.0))

@@ -153,6 +153,13 @@ class TrainSettings(_Section):
         "batch_size).",
     )
     gradient_accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    merge_micro_batches: bool | Literal["auto"] = Field(
+        "auto",
+        description="Run the micro-batches of one optimizer step as one batch: the same records and the same "
+        "gradient in fewer passes over the model (small steps are bound by the host, not the GPU). auto: for packed "
+        "batches, when the memory plan shows the merged batch fits with no more recomputation; false: accumulate "
+        "as configured; true: always (needs gradient_accumulation above 1).",
+    )
     packing: bool | Literal["auto"] = Field(
         "auto",
         description="Concatenate each micro-batch into one row with no padding, positions restarting per record and "

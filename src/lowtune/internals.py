@@ -249,3 +249,13 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     torch sends fp32 products to MKL, which runs its SSE code on CPUs not made by Intel."""
     linear = _require(torch.ops.mkldnn, "_linear_pointwise", "torch")
     return linear(x, weight, bias, "none", [], "")
+
+
+def skip_update_where(optimizer: Any, not_finite: torch.Tensor) -> None:
+    """Makes the next `optimizer.step()` of a fused torch Adam/AdamW skip its update on the device when
+    `not_finite` (a float scalar tensor) is nonzero: weights, moments and step counts stay as they were, and the host
+    never waits to find out. It is the `found_inf` attribute that `torch.amp.GradScaler` sets for fused optimizers."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    if not all(group.get("fused") for group in inner.param_groups):
+        raise LibraryChanged(f"the optimizer {type(inner).__name__} is not a fused torch one; found_inf needs it")
+    inner.found_inf = not_finite

@@ -39,7 +39,7 @@ from lowtune.model.attention import VARLEN
 from lowtune.model.load import load_tokenizer, load_weights, resolve_model_path
 from lowtune.model.lora import attach_lora
 from lowtune.model.summary import summary_table
-from lowtune.train.memory import GIB, MemoryPlan, peak_memory_gib
+from lowtune.train.memory import GIB, MemoryPlan
 from lowtune.train.resolve import Resolved, resolve_loading, resolve_run
 from lowtune.train.resume import (
     check_same_run,
@@ -48,6 +48,7 @@ from lowtune.train.resume import (
     remove_staging,
     save_fingerprint,
 )
+from lowtune.train.throughput import Throughput, ThroughputMeter
 from lowtune.train.trainer import GracefulStop, LowtuneTrainer, build_trainer
 
 log = logging.getLogger(__name__)
@@ -142,9 +143,12 @@ def run(
     )
     started = time.time()
     result = train_or_explain(trainer, checkpoint, resolved.plan)
+    seconds = time.time() - started
     if trainer.is_world_process_zero():
+        throughput = measure_throughput(trainer, config, resolved)
+        console.print(throughput.describe(), highlight=False, soft_wrap=True)  # one line, also in a log file
         save_run(trainer, config, setup, output)
-        write_summary(output, config, setup, trainer, result.metrics, time.time() - started)
+        write_summary(output, config, setup, trainer, result.metrics, seconds, throughput)
         write_run_report(output, config, setup, trainer)
         console.print(f"[green]Adapter saved to {output}[/]. Chat with it: lowtune chat --adapter {output}")
     return output
@@ -174,6 +178,15 @@ def train_or_explain(trainer: LowtuneTrainer, checkpoint: Path | None, plan: Mem
             exit_code=128 + stop.signal,
         )
     return result
+
+
+def measure_throughput(trainer: LowtuneTrainer, config: RunConfig, resolved: Resolved) -> Throughput:
+    """The figures of the steps just trained (train/throughput.py), FLOPs included where the model family, and so
+    its shape, is known."""
+    meter = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ThroughputMeter))
+    family = arch.family_named(resolved.family) if resolved.family else None
+    shape = family.shape(trainer.model.config.to_dict()) if family else None
+    return meter.figures(shape, config.lora.r, resolved.lora_targets)
 
 
 def load_model(
@@ -247,7 +260,13 @@ def remove_checkpoints(output: Path) -> None:
 
 
 def write_summary(
-    output: Path, config: RunConfig, setup: Setup, trainer: Trainer, metrics: dict[str, Any], seconds: float
+    output: Path,
+    config: RunConfig,
+    setup: Setup,
+    trainer: Trainer,
+    metrics: dict[str, Any],
+    seconds: float,
+    throughput: Throughput,
 ) -> None:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     summary = {
@@ -264,7 +283,8 @@ def write_summary(
             "dropped": len(setup.data.dropped),
         },
         "trained_tokens_per_epoch": setup.data.trained_tokens,
-        "peak_memory_gib": round(peak_memory_gib(), 3),
+        "peak_memory_gib": round(throughput.peak_memory_gib, 3),  # read before the bf16 benchmark raised it
+        "throughput": throughput.summary(),
         "device": setup.resolved.machine,
         "versions": {"lowtune": __version__}
         | {name: metadata.version(name) for name in ("torch", "transformers", "peft")},

@@ -253,3 +253,43 @@ def test_the_log_has_one_line_per_choice(caplog):
     lines = [record.getMessage() for record in caplog.records]
     assert len(lines) == len(resolved.choices()) + len(resolved.warnings)
     assert any(line.startswith("precision: fp32 (the CPU has no native bf16") for line in lines)
+
+
+# --- merged micro-batches -----------------------------------------------------------------------------------------
+
+
+def merging(setting="auto", gpu_gib=80, accumulation=2, **train):
+    sized = replace(machine(gpu="H100"), gpu=Gpu("GPU", (9, 0), int(gpu_gib * GIB)))
+    train = {"batch_size": 8, "gradient_accumulation": accumulation, "merge_micro_batches": setting} | train
+    return resolve(config(train=train), sized)
+
+
+def test_a_small_step_runs_as_one_micro_batch_when_the_plan_fits():
+    alone, merged = merging(False), merging()
+    assert (alone.batching.merged, alone.batching.passes) == (1, 2)
+    assert (merged.batching.merged, merged.batching.passes) == (2, 1)
+    assert merged.batching.largest == 16 * 200 and alone.batching.largest == 8 * 200  # packed: real tokens only
+    assert merged.plan.tokens == 16 * 200
+    assert "2 micro-batches run as one" in merged.reasons["batching"]
+    assert "train.merge_micro_batches: false" in alone.reasons["batching"]
+    assert "run 2 at a time" in merged.batching.describe()
+
+
+def test_merging_takes_the_largest_divisor_of_the_accumulation_that_needs_no_more_recomputation():
+    # 7B 4-bit: ~6 GiB of weights, ~5 MB a token of activations without checkpointing (records of 200 tokens).
+    for gpu_gib, accumulation, expected in ((80, 4, 4), (30, 4, 2), (16, 4, 1), (80, 3, 3)):
+        resolved = merging(gpu_gib=gpu_gib, accumulation=accumulation)
+        assert resolved.batching.merged == expected, gpu_gib
+        assert resolved.checkpointing.checkpointed(32) == merging(
+            False, gpu_gib, accumulation
+        ).checkpointing.checkpointed(32)
+    assert "more recomputation" in merging(gpu_gib=16, accumulation=4).reasons["batching"]
+
+
+def test_merging_padded_batches_or_one_micro_batch_is_left_alone_or_refused():
+    padded = merging(packing=False)
+    assert padded.batching.merged == 1 and "padded to the step's longest" in padded.reasons["batching"]
+    assert merging(True, packing=False).batching.merged == 2  # true: the user's choice, padded or not
+    assert merging(accumulation=1).batching.merged == 1
+    with pytest.raises(UserError, match="merge_micro_batches: true cannot apply: train.gradient_accumulation is 1"):
+        merging(True, accumulation=1)

@@ -25,6 +25,8 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         tokens_per_batch: token budget per batch; counted as padded rows (`longest x count`) unless `packed`.
         packed: the batch will be packed into one row, so the budget counts real tokens.
         seed: with the epoch, fixes the order.
+        merge: run this many consecutive batches of the plan as one (the micro-batches of one optimizer step run
+            together when they fit: the same records and the same gradient, fewer passes over the model).
         num_replicas: processes sharing each batch (distributed training): every process plans the same global
             batches and takes every num_replicas-th record of each, so the batch means the same for any count.
         rank: this process's place among them.
@@ -39,6 +41,7 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        merge: int = 1,
     ):
         self.lengths = list(lengths)
         self.batch_size = batch_size
@@ -46,6 +49,7 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         self.packed = packed
         self.seed = seed
         self.num_replicas, self.rank = num_replicas, rank
+        self.merge = merge
         self.epoch = 0
         self._plans: dict[int, list[list[int]]] = {}
 
@@ -75,7 +79,12 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
             chunk = sorted(order[start : start + window], key=self.lengths.__getitem__)
             batches += self._split(chunk)
         shuffle = torch.randperm(len(batches), generator=generator).tolist()
-        return [batches[i] for i in shuffle]
+        batches = [batches[i] for i in shuffle]
+        return [self._merged(batches[i : i + self.merge]) for i in range(0, len(batches), self.merge)]
+
+    def _merged(self, batches: list[list[int]]) -> list[int]:
+        """One batch of `batches`' records, sorted by length again (so each process's share stays alike)."""
+        return batches[0] if len(batches) == 1 else sorted(sum(batches, []), key=self.lengths.__getitem__)
 
     def _window_size(self) -> int:
         if self.tokens_per_batch is None:

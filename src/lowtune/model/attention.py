@@ -59,7 +59,7 @@ def _causal_flags(grouped: bool) -> dict[str, Any]:
 
     parameters = inspect.signature(varlen_attn).parameters
     flags: dict[str, Any] = {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
-    if grouped:
+    if grouped and "enable_gqa" in parameters:  # before torch 2.12 the flash kernel took fewer key heads unasked
         flags["enable_gqa"] = True
     return flags
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from rich.table import Table
 
@@ -154,12 +155,13 @@ def saved_bytes_per_token(shape: Shape, dropout: float, fused: bool) -> float:
 
 
 def largest_batch_tokens(
-    lengths: list[int], batch_size: int, tokens_per_batch: int | None, packed: bool, seed: int
+    lengths: list[int], batch_size: int, tokens_per_batch: int | None, packed: bool, seed: int, merge: int = 1
 ) -> int:
-    """Tokens in the largest micro-batch the run will see (padding included when not packed)."""
+    """Tokens in the largest micro-batch the run will see (padding included when not packed); `merge` as the
+    batch sampler takes it."""
     from lowtune.data.batching import LengthBucketBatchSampler
 
-    sampler = LengthBucketBatchSampler(lengths, batch_size, tokens_per_batch, packed, seed)
+    sampler = LengthBucketBatchSampler(lengths, batch_size, tokens_per_batch, packed, seed, merge=merge)
     costs = (
         sum(lengths[i] for i in batch) if packed else max(lengths[i] for i in batch) * len(batch)
         for batch in sampler.plan(0)
@@ -167,14 +169,16 @@ def largest_batch_tokens(
     return max(costs)
 
 
-def peak_memory_gib() -> float:
-    """Peak GPU memory allocated by this process, or its peak resident memory on the CPU."""
+def peak_memory_gib(device: Any = None) -> float:
+    """Peak memory allocated on a CUDA `device` (None: the current GPU if there is one), or this process's peak
+    resident memory for the CPU."""
     import resource
 
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / GIB
+    on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if on_gpu:
+        return torch.cuda.max_memory_allocated(device) / GIB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
 
 

@@ -15,7 +15,7 @@ offloaded checkpoints without a GPU, ...) is a `UserError` naming why, raised be
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,18 +53,26 @@ OFF = Checkpointing("off")
 
 @dataclass(frozen=True)
 class Batching:
-    """What one micro-batch and one optimizer step hold."""
+    """What one micro-batch and one optimizer step hold: as configured, and how many configured micro-batches run
+    together as one (`merged`)."""
 
-    records: int | None  # records per micro-batch; None when filled by tokens
-    tokens: int | None  # the token budget of a micro-batch
-    accumulation: int
+    records: int | None  # records per configured micro-batch; None when filled by tokens
+    tokens: int | None  # the token budget of a configured micro-batch
+    accumulation: int  # configured micro-batches per optimizer step
     packed: bool
-    largest: int  # tokens in the largest micro-batch of the first epoch (padding included when padded)
+    largest: int  # tokens in the largest batch that runs in the first epoch (padding included when padded)
+    merged: int = 1  # configured micro-batches run as one batch (a divisor of accumulation)
+
+    @property
+    def passes(self) -> int:
+        """Forward and backward passes per optimizer step."""
+        return self.accumulation // self.merged
 
     def describe(self) -> str:
         size = f"{self.records} records" if self.records else f"up to {self.tokens:,} tokens"
         rows = "packed into one row" if self.packed else "padded, similar lengths together"
-        return f"{size} per micro-batch ({rows}), {self.accumulation} per step; largest {self.largest:,} tokens"
+        merged = f", run {self.merged} at a time" if self.merged > 1 else ""
+        return f"{size} per micro-batch ({rows}), {self.accumulation} per step{merged}; largest {self.largest:,} tokens"
 
 
 @dataclass(frozen=True)
@@ -168,6 +176,10 @@ class _Decisions:
 
     def why(self, name: str, reason: str) -> None:
         self.reasons[name] = reason
+
+    def also(self, name: str, reason: str) -> None:
+        """A second reason for the same choice."""
+        self.reasons[name] = f"{self.reasons[name]}; {reason}" if name in self.reasons else reason
 
     def refuse(self, message: str, fix: str) -> None:
         self.problems.append(Problem(message, fix=fix))
@@ -312,6 +324,9 @@ def resolve_run(
             fused=fused,
             dense_copy_bytes=_dense_copy_bytes(shape, compute) if base_weights == "cached" else 0,
         )
+    batching = _merge(train, batching, lengths, machine, on_gpu, run_shape, decisions)
+    if run_shape is not None:
+        run_shape = replace(run_shape, tokens=batching.largest)
     checkpointing, plan = _checkpointing(train.gradient_checkpointing, machine, on_gpu, run_shape, decisions)
     decisions.raise_problems()
     length = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs or 1:g} epochs"
@@ -442,6 +457,64 @@ def _batching(train: Any, packed: bool, lengths: list[int], decisions: _Decision
     if train.batch_size is None and train.tokens_per_batch is None:
         decisions.why("batching", f"train.batch_size empty: {DEFAULT_BATCH_SIZE} records")
     return Batching(records, train.tokens_per_batch, train.gradient_accumulation, packed, largest)
+
+
+def _merge(
+    train: Any,
+    batching: Batching,
+    lengths: list[int],
+    machine: Machine,
+    on_gpu: bool,
+    run_shape: RunShape | None,
+    decisions: _Decisions,
+) -> Batching:
+    """How many of a step's micro-batches run as one: the gradient is the same (the loss is summed over the step's
+    targets and divided by their count either way), and each pass over the model costs the host the same launches
+    whatever its size."""
+    setting, accumulation = train.merge_micro_batches, batching.accumulation
+    if setting is False or accumulation == 1:
+        if setting is True:
+            decisions.refuse(
+                "train.merge_micro_batches: true cannot apply: train.gradient_accumulation is 1, so each step is one "
+                "micro-batch already",
+                "set train.merge_micro_batches: auto, or raise train.gradient_accumulation",
+            )
+        if setting is False:
+            decisions.also("batching", "train.merge_micro_batches: false")
+        return batching
+    if setting is True:
+        decisions.also("batching", "train.merge_micro_batches: true")
+        return _merged(batching, lengths, train.seed, accumulation)
+    if not batching.packed:
+        decisions.also(
+            "batching", "padded micro-batches are not merged: each record would be padded to the step's longest"
+        )
+        return batching
+    if run_shape is None:
+        decisions.also("batching", "no memory plan for this model family to show that merged micro-batches fit")
+        return batching
+    budget = GPU_BUDGET * machine.gpu.memory if on_gpu else host_share(machine.host_memory_available)
+    alone, _ = _checkpointing(train.gradient_checkpointing, machine, on_gpu, run_shape, _Decisions())
+    layers = run_shape.shape.layers
+    for merge in (m for m in range(accumulation, 1, -1) if accumulation % m == 0):
+        candidate = _merged(batching, lengths, train.seed, merge)
+        together, plan = _checkpointing(
+            train.gradient_checkpointing, machine, on_gpu, replace(run_shape, tokens=candidate.largest), _Decisions()
+        )
+        if plan.total <= budget and together.checkpointed(layers) <= alone.checkpointed(layers):
+            decisions.why(
+                "batching",
+                f"{merge} micro-batches run as one: the same records and gradient in fewer passes; planned peak "
+                f"{plan.total / GIB:.1f} GiB of a {budget / GIB:.1f} GiB budget, no more layers recomputed",
+            )
+            return candidate
+    decisions.also("batching", "micro-batches accumulated: merged, they would not fit without more recomputation")
+    return batching
+
+
+def _merged(batching: Batching, lengths: list[int], seed: int, merge: int) -> Batching:
+    largest = largest_batch_tokens(lengths, batching.records or 1, batching.tokens, batching.packed, seed, merge)
+    return replace(batching, merged=merge, largest=largest)
 
 
 def _dense_copy_bytes(shape: Shape, compute: str) -> int:

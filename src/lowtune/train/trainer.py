@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import signal
@@ -12,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from transformers import (
@@ -35,6 +35,7 @@ from lowtune.train.loss import install_hidden_state_loss
 from lowtune.train.progress import RichProgressCallback
 from lowtune.train.resolve import Resolved
 from lowtune.train.resume import STAGING_PREFIX, complete_checkpoints
+from lowtune.train.throughput import meter_throughput
 from lowtune.train.validate import eval_loss
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,14 @@ def training_arguments(config: RunConfig, resolved: Resolved, evaluate: bool = F
         )
     return TrainingArguments(
         output_dir=config.output_dir,
-        per_device_train_batch_size=resolved.batching.records or 1,  # the batch sampler makes the batches
-        gradient_accumulation_steps=train.gradient_accumulation,
+        # The batch sampler makes the batches; merged micro-batches run as one (train/resolve.py).
+        per_device_train_batch_size=(resolved.batching.records or 1) * resolved.batching.merged,
+        gradient_accumulation_steps=resolved.batching.passes,
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.scheduler,
         warmup_steps=train.warmup_ratio,  # transformers reads a value below 1 as a share of the steps
         weight_decay=train.weight_decay,
+        optim="adamw_torch_fused",  # its update can be skipped on the device (the NaN guard below)
         max_grad_norm=train.max_grad_norm,
         num_train_epochs=train.epochs or 1,
         max_steps=train.max_steps or -1,
@@ -71,6 +74,7 @@ def training_arguments(config: RunConfig, resolved: Resolved, evaluate: bool = F
         logging_nan_inf_filter=False,  # a NaN loss must show (and stop the run), not be averaged away
         remove_unused_columns=False,
         dataloader_pin_memory=resolved.device != "cpu",
+        accelerator_config={"non_blocking": True},  # with pinned batches, no wait for the GPU at each copy
         use_cpu=resolved.device == "cpu",
         bf16=resolved.autocast == "bf16",
         fp16=resolved.autocast == "fp16",
@@ -92,11 +96,18 @@ class LowtuneTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.batch_sampler = batch_sampler
         self.checkpoint_files = checkpoint_files
+        self._unchecked_gradient: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (not finite, norm, step)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().train(*args, **kwargs)
+        self._stop_if_a_gradient_was_not_finite()  # the last step's
+        return result
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         """Atomic checkpoints: written under .tmp-checkpoint-N, completed with the run's own files (config, chat
         format, fingerprint), then renamed to checkpoint-N. A process killed while saving leaves only the staging
         folder behind, and every checkpoint-N is whole."""
+        self._stop_if_a_gradient_was_not_finite()  # never a checkpoint after a step that was skipped
         run_dir = Path(self._get_output_dir(trial))
         step = self.state.global_step
         staging = run_dir / f"{STAGING_PREFIX}{step}"
@@ -114,19 +125,32 @@ class LowtuneTrainer(Trainer):
         internals.rotate_checkpoints(str(run_dir), self.args.save_total_limit)
 
     def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
-        """Stops the run before an optimizer step would apply a NaN or infinite gradient (with fp16, infinities
-        are the loss scaler's to skip; NaN still stops)."""
+        """The NaN guard: an optimizer step whose gradient is NaN (or infinite; with fp16 infinities are the loss
+        scaler's to skip) is skipped on the GPU, and the run stops at the next step with the last good checkpoint
+        named. Reading the flag a step late keeps the host from waiting for the GPU at every step (by then the GPU
+        is long past it); the skipped update means nothing bad was applied in between."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        value = float(grad_norm)
-        if math.isnan(value) or (math.isinf(value) and not self.args.fp16):
+        self._stop_if_a_gradient_was_not_finite()
+        norm = torch.as_tensor(grad_norm)
+        not_finite = (norm.isnan() if self.args.fp16 else ~norm.isfinite()).float()
+        if not self.args.fp16:  # with fp16 the loss scaler sets the same flag, from the gradients themselves
+            internals.skip_update_where(self.optimizer, not_finite)
+        self._unchecked_gradient = (not_finite, norm, self.state.global_step + 1)
+        return grad_norm
+
+    def _stop_if_a_gradient_was_not_finite(self) -> None:
+        if self._unchecked_gradient is None:
+            return
+        not_finite, norm, step = self._unchecked_gradient
+        self._unchecked_gradient = None
+        if not_finite.item():
             checkpoints = complete_checkpoints(Path(self.args.output_dir))
             last = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written"
             raise RunStopped(
-                f"the gradient became {value} at step {self.state.global_step + 1}: training stopped before "
-                f"applying it; {last}.\n  fix: lower train.learning_rate, keep train.max_grad_norm, or train in "
-                "bf16 rather than fp16; then resume with --resume (or start over)"
+                f"the gradient became {norm.item()} at step {step}: training stopped without applying it; {last}.\n"
+                "  fix: lower train.learning_rate, keep train.max_grad_norm, or train in bf16 rather than fp16; then "
+                "resume with --resume (or start over)"
             )
-        return grad_norm
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:
         rows = self.eval_dataset if eval_dataset is None else eval_dataset
@@ -221,7 +245,7 @@ def build_trainer(
     set_attention(model.get_base_model(), resolved.attention)
     collator = PackedCollator() if batching.packed else PaddedCollator(tokenizer.pad_token_id)
     sampler = LengthBucketBatchSampler(
-        lengths, batching.records or 1, batching.tokens, batching.packed, config.train.seed
+        lengths, batching.records or 1, batching.tokens, batching.packed, config.train.seed, merge=batching.merged
     )
     install_hidden_state_loss(model.get_base_model(), resolved.loss, resolved.onednn)
     apply_kernels(model, resolved)
@@ -240,6 +264,7 @@ def build_trainer(
     trainer.add_callback(RichProgressCallback())
     trainer.add_callback(FinalEvaluation())
     trainer.add_callback(GracefulStop())
+    meter_throughput(trainer)  # after the callbacks that decide to evaluate, save or stop at a step's end
     if trainer.is_world_process_zero():
         trainer.add_callback(TensorBoardCallback(SummaryWriter(str(Path(config.output_dir) / "tensorboard"))))
     return trainer
