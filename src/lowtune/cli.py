@@ -135,36 +135,52 @@ def plan(
 def bench(
     modes: Annotated[str, typer.Option("--modes", help="Comma-separated: 4bit, 8bit, none (bf16).")] = "4bit,8bit,none",
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps per recipe.")] = 14,
-    warmup: Annotated[int, typer.Option("--warmup", help="Steps left out of the timing.")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", help="Steps left out of the timing (at least 1).", min=1)] = 3,
     tokens_per_batch: Annotated[
-        int, typer.Option("--tokens-per-batch", help="lowtune's token budget per step.")
-    ] = 16384,
+        int | None, typer.Option("--tokens-per-batch", help="A token budget per step (16384 unless --batch).")
+    ] = None,
+    batch: Annotated[
+        str | None,
+        typer.Option(
+            "--batch",
+            help="Comma-separated records per micro-batch x accumulation, each a regime: 8x2 (the tutorial's), "
+            "2x4 (Unsloth's notebooks').",
+        ),
+    ] = None,
     peer: Annotated[str | None, typer.Option("--peer", help="Also race this peer (unsloth).")] = None,
     layers: Annotated[int | None, typer.Option("--layers", help="Fewer layers: a quick check, not recorded.")] = None,
     results: Annotated[Path, typer.Option("--results", help="JSON lines to append to.")] = Path("bench/results.jsonl"),
-    profile: Annotated[Path | None, typer.Option("--profile", help="Folder for torch.profiler tables.")] = None,
+    profile: Annotated[
+        Path | None, typer.Option("--profile", help="Folder for torch.profiler tables and timelines.")
+    ] = None,
     checkpointing: Annotated[
         str,
         typer.Option(
             "--checkpointing",
-            help="lowtune's train.gradient_checkpointing: auto (what lowtune train picks on this GPU), offload, "
-            "true or false. offload races Unsloth at its own memory policy.",
+            help="Comma-separated lowtune train.gradient_checkpointing settings, one lowtune run each: auto (what "
+            "lowtune train picks on this GPU), offload (Unsloth's own memory policy), true or false.",
         ),
     ] = "auto",
 ) -> None:
     """Race the tutorial's recipe and lowtune's (and a peer's) on a Qwen-7B-shaped model, on this GPU."""
-    from lowtune.bench.run import CHECKPOINTING_SETTINGS, QUANTIZATIONS, run_bench
+    from lowtune.bench.run import CHECKPOINTING_SETTINGS, PEER, QUANTIZATIONS, Regime, run_bench
 
-    chosen = [mode.strip() for mode in modes.split(",") if mode.strip()]
+    chosen, settings = _listed(modes), tuple(_listed(checkpointing))
     unknown = [mode for mode in chosen if mode not in QUANTIZATIONS]
-    if unknown or (peer not in (None, "unsloth")) or checkpointing not in CHECKPOINTING_SETTINGS:
+    unknown_settings = [setting for setting in settings if setting not in CHECKPOINTING_SETTINGS]
+    if unknown or (peer not in (None, PEER)) or unknown_settings or not settings:
         raise UserError.one(
             f"unknown --modes {unknown}, --peer {peer!r} or --checkpointing {checkpointing!r}",
-            fix=f"modes: 4bit, 8bit, none; peer: unsloth; checkpointing: {', '.join(CHECKPOINTING_SETTINGS)}",
+            fix=f"modes: 4bit, 8bit, none; peer: {PEER}; checkpointing: {', '.join(CHECKPOINTING_SETTINGS)}",
         )
-    run_bench(
-        chosen, steps, warmup, tokens_per_batch, peer, layers, results, Console(width=150), profile, checkpointing
-    )
+    regimes = [Regime.parse(text) for text in _listed(batch or "")]
+    if tokens_per_batch or not regimes:
+        regimes.insert(0, Regime(tokens=tokens_per_batch or 16384))
+    run_bench(chosen, regimes, steps, warmup, peer, layers, results, Console(width=170), profile, settings)
+
+
+def _listed(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 @app.command("config")

@@ -1,9 +1,10 @@
 """The fastest peer, Unsloth, on the same model, data, LoRA and token budget (only where its packages are present).
 
-Unsloth loads from a folder, so the random model is saved first. It is fed rows of 2048 tokens made of whole
-records laid end to end, `tokens_per_batch / 2048` rows per step, with its dense causal attention: records in a row
-see each other (Unsloth's own packing is not used because it is not available on every path), which favours it
-slightly against lowtune's exact per-record attention.
+Unsloth loads from a folder, so the random model is saved first. With a token budget it is fed rows of 2048 tokens
+made of whole records laid end to end, `tokens_per_batch / 2048` rows per step, with its dense causal attention:
+records in a row see each other (Unsloth's own packing is not used because it is not available on every path), which
+favours it slightly against lowtune's exact per-record attention. With records x accumulation it trains as its
+notebooks do: `per_device_train_batch_size` records padded to the longest, `gradient_accumulation_steps` of them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from transformers import PreTrainedTokenizerBase, Qwen2Config, Trainer, Training
 
 from lowtune.bench.model import build_random_model
 from lowtune.bench.recipes import (
+    LOGGING_STEPS,
     SAME_SAMPLES,
     SEVEN_PROJECTIONS,
     Measurement,
@@ -50,7 +52,8 @@ def unsloth_recipe(
     quantization: str,
     steps: int,
     warmup: int,
-    tokens_per_batch: int,
+    tokens_per_batch: int | None,
+    batch: tuple[int, int] | None = None,
 ) -> Measurement:
     from unsloth import FastLanguageModel
 
@@ -84,12 +87,13 @@ def unsloth_recipe(
     except Exception as error:  # a peer's forward may not take lowtune's loss arguments; its speed still counts
         print(f"unsloth: no loss on the same samples ({error!r})", file=sys.stderr)
         same_loss = None
+    records, accumulation = batch or (tokens_per_batch // ROW_TOKENS, 1)
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(),
-        per_device_train_batch_size=tokens_per_batch // ROW_TOKENS,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=records,
+        gradient_accumulation_steps=accumulation,
         learning_rate=1e-4,
-        logging_steps=1,
+        logging_steps=LOGGING_STEPS,
         max_steps=steps,
         bf16=True,
         save_strategy="no",
@@ -97,5 +101,6 @@ def unsloth_recipe(
         disable_tqdm=True,
         remove_unused_columns=False,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=concatenated_rows(rows, ROW_TOKENS), data_collator=collator)
+    train_rows = rows if batch else concatenated_rows(rows, ROW_TOKENS)
+    trainer = Trainer(model=model, args=args, train_dataset=train_rows, data_collator=collator)
     return timed_training("unsloth", quantization, trainer, warmup, steps, same_loss)

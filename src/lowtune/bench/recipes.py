@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +36,8 @@ Rows = list[dict[str, list[int]]]
 # The tutorial's target_modules (c_attn, c_proj, w1, w2) on the converted model: all seven projections.
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SAME_SAMPLES = 64  # records on which both recipes' losses are compared before training
+TUTORIAL_BATCH = (8, 2)  # records per micro-batch, accumulation: the tutorial's
+LOGGING_STEPS = 2  # every recipe logs its loss every second step (the tutorial's 10 would log once in a short run)
 
 
 @dataclass
@@ -51,38 +54,49 @@ class Measurement:
     last_loss: float
     planned_peak_gib: float | None = None
     checkpointing: str | None = None
+    batching: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class StepClock(TrainerCallback):
-    """Times optimizer steps on the GPU clock, from step `warmup` to step `last`."""
+    """Times optimizer steps `warmup` + 1 to `last` on the GPU clock, and counts their real tokens.
+
+    It waits for the GPU only at those two marks, and sums the token counts on the GPU, so that it adds no host sync
+    to the steps it times (a sync a step would hide a recipe's own syncs, or add some to one that has none).
+    """
 
     def __init__(self, warmup: int, last: int):
         self.warmup, self.last = warmup, last
-        self.tokens = 0
-        self.marks: list[tuple[float, int]] = []
+        self.step_tokens: list[torch.Tensor | int] = []  # this step's micro-batches
+        self.counted: list[list[torch.Tensor | int]] = []  # per timed step
+        self.marks: list[float] = []
 
     def count(self, inputs: dict[str, Any]) -> None:
         mask = inputs.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        self.step_tokens.append(mask.sum() if mask is not None else inputs["input_ids"].numel())
 
     def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        if self.warmup <= state.global_step <= self.last:
-            self.marks.append((time.perf_counter(), self.tokens))
+        if self.warmup < state.global_step <= self.last:
+            self.counted.append(self.step_tokens)
+        self.step_tokens = []
+        if state.global_step in (self.warmup, self.last):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.marks.append(time.perf_counter())
 
     def rate(self) -> tuple[float, int, float, float]:
         """(tokens/s, steps timed, seconds per step, tokens per step) over the timed steps."""
-        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
-        steps = len(self.marks) - 1
-        return (n1 - n0) / (t1 - t0), steps, (t1 - t0) / steps, (n1 - n0) / steps
+        seconds, steps = self.marks[-1] - self.marks[0], len(self.counted)
+        tokens = sum(int(count) for step in self.counted for count in step)
+        return tokens / seconds, steps, seconds / steps, tokens / steps
 
 
 class ProfileSteps(TrainerCallback):
-    """torch.profiler over a few steady-state steps; writes the kernels by self CUDA time to `path`."""
+    """torch.profiler over a few steady-state steps; writes the operators by self GPU and by self host time to
+    `path`, and the host and GPU timelines side by side as a Chrome trace beside it (`.trace.json`: open it in
+    Perfetto, or summarise it with bench/trace_summary.py)."""
 
     def __init__(self, path: str, start: int, count: int = 2):
         self.path, self.start, self.stop = path, start, start + count
@@ -98,11 +112,14 @@ class ProfileSteps(TrainerCallback):
         if self.profiler is not None and state.global_step == self.stop:
             torch.cuda.synchronize()
             self.profiler.__exit__(None, None, None)
-            table = self.profiler.key_averages().table(
-                sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70
-            )
+            averages = self.profiler.key_averages()
+            tables = [
+                averages.table(sort_by=key, row_limit=45, max_name_column_width=70)
+                for key in ("self_cuda_time_total", "self_cpu_time_total")
+            ]
             with open(self.path, "w", encoding="utf-8") as file:
-                file.write(f"{self.stop - self.start} steps\n{table}\n")
+                file.write(f"{self.stop - self.start} steps, by GPU time, then by host time\n" + "\n".join(tables))
+            self.profiler.export_chrome_trace(str(Path(self.path).with_suffix(".trace.json")))
             self.profiler = None
 
 
@@ -152,10 +169,17 @@ def timed_training(
 
 
 def tutorial_recipe(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Rows, quantization: str, steps: int, warmup: int
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Rows,
+    quantization: str,
+    steps: int,
+    warmup: int,
+    batch: tuple[int, int] = TUTORIAL_BATCH,
 ) -> Measurement:
-    """The Qwen-7B-Chat tutorial, as written: Trainer, DataCollatorForSeq2Seq padding, batch 8 x accumulation 2,
-    checkpointing with enable_input_require_grads, LoRA r 8 / alpha 32 / dropout 0.1, lr 1e-4 (bf16 for fp16)."""
+    """The Qwen-7B-Chat tutorial, as written: Trainer, DataCollatorForSeq2Seq padding, `batch` records x
+    accumulation (its own 8 x 2 unless the regime says otherwise), checkpointing with enable_input_require_grads,
+    LoRA r 8 / alpha 32 / dropout 0.1, lr 1e-4 (bf16 for fp16)."""
     model.enable_input_require_grads()
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
@@ -168,9 +192,9 @@ def tutorial_recipe(
     model = get_peft_model(model, config)
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(),
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=2,
-        logging_steps=1,
+        per_device_train_batch_size=batch[0],
+        gradient_accumulation_steps=batch[1],
+        logging_steps=LOGGING_STEPS,
         num_train_epochs=3,
         gradient_checkpointing=True,
         save_strategy="no",
@@ -195,19 +219,24 @@ def lowtune_recipe(
     quantization: str,
     steps: int,
     warmup: int,
-    tokens_per_batch: int,
+    tokens_per_batch: int | None = None,
     profile: str | None = None,
     checkpointing: str = "auto",
+    batch: tuple[int, int] | None = None,
 ) -> Measurement:
     """lowtune's own training of the same job: the same LoRA and learning rate, batches of `tokens_per_batch`
-    tokens, and whatever `lowtune train` picks on this machine (packing, attention, kernels, loss, and checkpointing
-    unless `checkpointing` sets train.gradient_checkpointing)."""
+    tokens or `batch` records x accumulation, and whatever `lowtune train` picks on this machine (packing,
+    attention, kernels, loss, merged micro-batches, and checkpointing unless `checkpointing` sets
+    train.gradient_checkpointing)."""
     profiled = 2 if profile else 0  # profiled steps come after the timed ones: the profiler slows them
+    records, accumulation = batch or (None, 1)
     train = TrainSettings(
         max_steps=steps + profiled,
         tokens_per_batch=tokens_per_batch,
+        batch_size=records,
+        gradient_accumulation=accumulation,
         learning_rate=1e-4,
-        logging_steps=1,
+        logging_steps=LOGGING_STEPS,
         save_steps=0,
         scheduler="linear",
         gradient_checkpointing=checkpointing,
@@ -230,4 +259,5 @@ def lowtune_recipe(
     measured = timed_training("lowtune", quantization, trainer, warmup, steps, same_loss)
     measured.planned_peak_gib = resolved.plan.total / 2**30
     measured.checkpointing = resolved.checkpointing.describe(resolved.plan.layers)
+    measured.batching = resolved.batching.describe()
     return measured

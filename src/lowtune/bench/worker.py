@@ -15,7 +15,7 @@ import json
 import logging
 
 from lowtune.bench.model import build_random_model, qwen_7b_config
-from lowtune.bench.recipes import lowtune_recipe, tutorial_recipe
+from lowtune.bench.recipes import TUTORIAL_BATCH, lowtune_recipe, tutorial_recipe
 from lowtune.data.encode import encode_records
 from lowtune.data.read import read_records, resolve_data_path
 from lowtune.model.qwen_tokenizer import build_qwen_tokenizer
@@ -35,11 +35,15 @@ def main() -> None:
     parser.add_argument("quantization", choices=["4bit", "8bit", "none"])
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--tokens-per-batch", type=int, default=16384)
+    parser.add_argument("--tokens-per-batch", type=int, default=None, help="a token budget per step")
+    parser.add_argument("--batch", default=None, help="records per micro-batch x accumulation, e.g. 8x2")
     parser.add_argument("--layers", type=int, default=None, help="fewer layers, for a quick check")
     parser.add_argument("--profile", default=None, help="write a torch.profiler table of two steps here")
     parser.add_argument("--checkpointing", default="auto", help="lowtune's train.gradient_checkpointing")
     args = parser.parse_args()
+    batch = tuple(int(n) for n in args.batch.split("x")) if args.batch else None
+    if (batch is None) == (args.tokens_per_batch is None):
+        parser.error("give --tokens-per-batch or --batch")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     tokenizer = build_qwen_tokenizer()
     rows = tutorial_rows(tokenizer)
@@ -48,12 +52,14 @@ def main() -> None:
         from lowtune.bench.peer_unsloth import unsloth_recipe
 
         result = unsloth_recipe(
-            config, tokenizer, rows, args.quantization, args.steps, args.warmup, args.tokens_per_batch
+            config, tokenizer, rows, args.quantization, args.steps, args.warmup, args.tokens_per_batch, batch
         )
     else:
         model = build_random_model(config, args.quantization)
         if args.recipe == "tutorial":
-            result = tutorial_recipe(model, tokenizer, rows, args.quantization, args.steps, args.warmup)
+            result = tutorial_recipe(
+                model, tokenizer, rows, args.quantization, args.steps, args.warmup, batch or TUTORIAL_BATCH
+            )
         else:
             result = lowtune_recipe(
                 model,
@@ -65,6 +71,7 @@ def main() -> None:
                 args.tokens_per_batch,
                 args.profile,
                 args.checkpointing,
+                batch,
             )
     print(json.dumps(result.to_dict()), flush=True)
 
