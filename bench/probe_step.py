@@ -22,9 +22,10 @@ from lowtune.bench.model import build_random_model, qwen_7b_config
 from lowtune.bench.recipes import SEVEN_PROJECTIONS
 from lowtune.bench.worker import tutorial_rows
 from lowtune.config import LoraSettings, RunConfig, TrainSettings
+from lowtune.machine import this_machine
 from lowtune.model.lora import attach_lora
 from lowtune.model.qwen_tokenizer import build_qwen_tokenizer
-from lowtune.train.memory import plan_run
+from lowtune.train.resolve import resolve_run
 from lowtune.train.trainer import build_trainer
 
 VARIANTS = {  # name: (train overrides, lora dropout)
@@ -56,9 +57,11 @@ def run_variant(model, tokenizer, rows, name, overrides, dropout, steps, profile
         train=train,
         output_dir=tempfile.mkdtemp(),
     )
+    config.model.precision, config.model.quantization = "bf16", "4bit"  # the probe's model (see main)
     lengths = [len(row["input_ids"]) for row in rows]
-    peft_model = attach_lora(model, config.lora, plan_run(config, model.config.to_dict(), lengths, True).checkpointing)
-    trainer = build_trainer(config, peft_model, tokenizer, rows)
+    resolved = resolve_run(config, this_machine(), model.config.to_dict(), lengths, chat_format="seed")
+    peft_model = attach_lora(model, config.lora, resolved.lora_targets, resolved.checkpointing)
+    trainer = build_trainer(config, resolved, peft_model, tokenizer, rows)
     clock = WallClock()
     step = trainer.training_step
 
