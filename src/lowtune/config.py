@@ -160,6 +160,13 @@ class TrainSettings(_Section):
         "batches, when the memory plan shows the merged batch fits with no more recomputation; false: accumulate "
         "as configured; true: always (needs gradient_accumulation above 1).",
     )
+    cuda_graphs: bool | Literal["auto"] = Field(
+        "auto",
+        description="Replay each micro-batch's forward and backward pass from a CUDA graph (one capture per row "
+        "length, rows padded to a multiple of 128 tokens): small steps stop waiting for the host. auto: on CUDA for "
+        "packed rows with varlen attention and lowtune's fused LoRA, micro-batches up to 4,096 tokens, one process, "
+        "no fp16 loss scaling and no offloaded checkpointing; true where it cannot apply is an error.",
+    )
     packing: bool | Literal["auto"] = Field(
         "auto",
         description="Concatenate each micro-batch into one row with no padding, positions restarting per record and "

@@ -31,7 +31,9 @@ def liger_forwards(model) -> list[str]:
 
 
 def kernels_on_a_gpu_machine(folder, liger):
-    config = RunConfig.model_validate({"lora": {"target_modules": list(PROJECTIONS)}, "train": {"liger": liger}})
+    config = RunConfig.model_validate(
+        {"lora": {"target_modules": list(PROJECTIONS)}, "train": {"liger": liger, "cuda_graphs": False}}
+    )
     gpu = replace(machine.this_machine(), gpu=H100, packages=frozenset({"liger_kernel"}), varlen_attention=True)
     resolved = resolve_run(config, gpu, read_model_config(folder), [100] * 20, "qwen")
     torch.manual_seed(0)

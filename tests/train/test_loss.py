@@ -36,6 +36,23 @@ def test_causal_lm_loss_shifts_and_ignores_masked_labels():
     torch.testing.assert_close(causal_lm_loss(hidden, labels, weight, num_items_in_batch=8), reference * 4 / 8)
 
 
+@pytest.mark.parametrize("num_items", [None, 8])
+def test_masked_loss_over_every_position_equals_the_selected_one(monkeypatch, num_items):
+    monkeypatch.setattr(loss_module, "CHUNK_BYTES", 4 * 11 * 3)  # 3 rows per chunk: ignored rows in every chunk
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, dtype=torch.float64)
+    labels = torch.tensor([[-100, -100, 3, 4, -100, 7], [-100, 1, 2, -100, -100, 5]])
+    losses, grads = [], []
+    for kernel in ("chunked", "masked"):
+        loss = causal_lm_loss(hidden, labels, weight, num_items, kernel)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, hidden)[0])
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(grads[1], grads[0])
+    assert grads[1][0, 0].abs().sum() == 0  # position 0 predicts an ignored label: no gradient
+
+
 def test_model_loss_and_lora_gradients_equal_transformers(tiny_qwen2):
     torch.manual_seed(0)
     input_ids = torch.randint(0, 1000, (2, 12))

@@ -50,6 +50,23 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def test_rows_padded_for_cuda_graphs_give_the_packed_loss_and_gradients(tiny_qwen2, qwen_tokenizer):
+    rows = rows_for(qwen_tokenizer)
+    bucketed = PackedCollator(bucket=16)(rows)
+    length = bucketed["input_ids"].shape[1]
+    assert length % 16 == 0 and length - sum(len(r["input_ids"]) for r in rows) < 16
+    assert bucketed["cu_seq_lens_q"].tolist()[-1] == length and len(bucketed["cu_seq_lens_q"]) == 4 + 1  # 3 + pad
+    assert bucketed["max_length_q"] == length  # fixed per shape, as a graph needs
+    assert bucketed["real_tokens"] == sum(len(r["input_ids"]) for r in rows)
+    model = lora_model(tiny_qwen2)
+    packed_loss, packed_grads = loss_and_grads(model, PackedCollator()(rows))
+    install_hidden_state_loss(model.get_base_model(), "masked")
+    bucketed_loss, bucketed_grads = loss_and_grads(model, bucketed)
+    assert relative(bucketed_loss, packed_loss) < 1e-5
+    for name, grad in packed_grads.items():
+        assert relative(bucketed_grads[name], grad) < 1e-5, name
+
+
 def test_packed_loss_and_lora_gradients_equal_padded(tiny_qwen2, qwen_tokenizer):
     rows = rows_for(qwen_tokenizer)
     model = lora_model(tiny_qwen2)

@@ -18,7 +18,7 @@ from lowtune.machine import Cpu, Gpu, Machine, read_cpu
 from lowtune.model.arch import PROJECTIONS, llama
 from lowtune.model.checkpointing import Checkpointing
 from lowtune.train.memory import GIB, RunShape
-from lowtune.train.resolve import resolve_loading, resolve_run
+from lowtune.train.resolve import padded_to_bucket, resolve_loading, resolve_run
 
 QWEN_7B = Qwen2Config(**QWEN_7B_SHAPE).to_dict()
 LENGTHS = [200] * 400  # records of 200 tokens: 81 of them to a batch of 16k
@@ -57,30 +57,34 @@ def resolve(run_config: RunConfig | None = None, on: Machine | None = None, mode
 # What each machine gets for the same 4-bit run: (precision, autocast, packing, attention, liger parts, loss,
 # base weights, oneDNN).
 MATRIX = {
-    ("AVX2 EPYC", None, False): ("fp32", "none", False, "eager", [], "chunked", "cached", True),
-    ("AMX Xeon", None, False): ("bf16", "bf16", False, "eager", [], "chunked", "cached", False),
-    ("AVX512 Xeon", None, False): ("fp32", "none", False, "eager", [], "chunked", "cached", False),
-    ("AMX Xeon", "A100", False): ("bf16", "bf16", True, "lowtune_varlen", [], "chunked", "per use", False),
+    ("AVX2 EPYC", None, False): ("fp32", "none", False, "eager", [], "chunked", "cached", True, False),
+    ("AMX Xeon", None, False): ("bf16", "bf16", False, "eager", [], "chunked", "cached", False, False),
+    ("AVX512 Xeon", None, False): ("fp32", "none", False, "eager", [], "chunked", "cached", False, False),
+    # bf16 GPUs: small micro-batches replay from CUDA graphs, with the masked loss (liger's fused one syncs)
+    ("AMX Xeon", "A100", False): ("bf16", "bf16", True, "lowtune_varlen", [], "masked", "per use", False, True),
     ("AMX Xeon", "A100", True): (
         "bf16",
         "bf16",
         True,
         "lowtune_varlen",
-        ["rms_norm", "rope", "swiglu", "fused_linear_cross_entropy"],
-        "liger",
+        ["rms_norm", "rope", "swiglu"],
+        "masked",
         "per use",
         False,
+        True,
     ),
-    ("AVX2 EPYC", "T4", False): ("fp16", "fp16", True, "lowtune_varlen", [], "chunked", "per use", False),
+    # fp16 scales the loss outside a graph: no graphs, the chunked loss
+    ("AVX2 EPYC", "T4", False): ("fp16", "fp16", True, "lowtune_varlen", [], "chunked", "per use", False, False),
     ("AMX Xeon", "H100", True): (
         "bf16",
         "bf16",
         True,
         "lowtune_varlen",
-        ["rms_norm", "rope", "swiglu", "fused_linear_cross_entropy"],
-        "liger",
+        ["rms_norm", "rope", "swiglu"],
+        "masked",
         "per use",
         False,
+        True,
     ),
 }
 CPUS = {"AVX2 EPYC": EPYC_AVX2, "AMX Xeon": XEON_AMX, "AVX512 Xeon": XEON_AVX512}
@@ -92,7 +96,17 @@ def test_the_choices_on_each_machine(cpu, gpu, liger):
     choices = resolved.choices()
     found = tuple(
         choices[key]
-        for key in ("precision", "autocast", "packing", "attention", "liger", "loss", "base_weights", "onednn")
+        for key in (
+            "precision",
+            "autocast",
+            "packing",
+            "attention",
+            "liger",
+            "loss",
+            "base_weights",
+            "onednn",
+            "cuda_graphs",
+        )
     )
     assert found == MATRIX[(cpu, gpu, liger)]
     assert choices["device"] == ("cpu" if gpu is None else "cuda:0")
@@ -261,7 +275,7 @@ def test_the_log_has_one_line_per_choice(caplog):
 def merging(setting="auto", gpu_gib=80, accumulation=2, **train):
     sized = replace(machine(gpu="H100"), gpu=Gpu("GPU", (9, 0), int(gpu_gib * GIB)))
     train = {"batch_size": 8, "gradient_accumulation": accumulation, "merge_micro_batches": setting} | train
-    return resolve(config(train=train), sized)
+    return resolve(config(train={"cuda_graphs": False} | train), sized)  # graphs would not merge (tests below)
 
 
 def test_a_small_step_runs_as_one_micro_batch_when_the_plan_fits():
@@ -293,3 +307,29 @@ def test_merging_padded_batches_or_one_micro_batch_is_left_alone_or_refused():
     assert merging(accumulation=1).batching.merged == 1
     with pytest.raises(UserError, match="merge_micro_batches: true cannot apply: train.gradient_accumulation is 1"):
         merging(True, accumulation=1)
+
+
+def test_small_steps_replay_from_cuda_graphs_unmerged_with_the_masked_loss_and_padded_rows():
+    graphed = merging("auto", cuda_graphs="auto")
+    assert graphed.cuda_graphs and graphed.loss == "masked"
+    assert "fused_linear_cross_entropy" not in graphed.liger  # liger's loss counts the labels on the host
+    assert graphed.batching.merged == 1 and "CUDA graphs replay" in graphed.reasons["merge_micro_batches"]
+    assert graphed.batching.largest == padded_to_bucket(8 * 200) == 1664  # the plan counts the padding
+    assert "bound by the host" in graphed.reasons["cuda_graphs"]
+    large = merging("auto", cuda_graphs="auto", batch_size=None, tokens_per_batch=16384)
+    assert not large.cuda_graphs and "keep the GPU busy" in large.reasons["cuda_graphs"]
+    assert large.loss == "chunked"  # no liger-kernel on this machine
+    off = merging("auto", cuda_graphs=False)
+    assert not off.cuda_graphs and off.reasons["cuda_graphs"] == "train.cuda_graphs: false"
+
+
+def test_cuda_graphs_that_cannot_apply_are_refused_when_asked_for_and_logged_when_auto():
+    offloaded = merging("auto", cuda_graphs="auto", gradient_checkpointing="offload")
+    assert not offloaded.cuda_graphs and "pinned host memory" in offloaded.reasons["cuda_graphs"]
+    with pytest.raises(UserError, match="train.cuda_graphs: true cannot apply: offloaded"):
+        merging("auto", cuda_graphs=True, gradient_checkpointing="offload")
+    with pytest.raises(UserError, match="train.cuda_graphs: true cannot apply: CUDA graphs need CUDA"):
+        resolve(config(train={"cuda_graphs": True}), machine(EPYC_AVX2))
+    assert "on the CPU" in resolve(config(), machine(EPYC_AVX2)).reasons["cuda_graphs"]
+    checkpointed = merging("auto", cuda_graphs=True, gradient_checkpointing=True)
+    assert checkpointed.cuda_graphs and checkpointed.checkpointing.mode == "on"

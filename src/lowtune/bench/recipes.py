@@ -75,7 +75,8 @@ class StepClock(TrainerCallback):
 
     def count(self, inputs: dict[str, Any]) -> None:
         mask = inputs.get("attention_mask")
-        self.step_tokens.append(mask.sum() if mask is not None else inputs["input_ids"].numel())
+        real = inputs.get("real_tokens", inputs["input_ids"].numel())  # rows padded for CUDA graphs say how many
+        self.step_tokens.append(mask.sum() if mask is not None else real)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.warmup < state.global_step <= self.last:

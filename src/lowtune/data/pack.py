@@ -36,22 +36,40 @@ class PaddedCollator:
 
 
 class PackedCollator:
-    """Concatenates the batch into one row of real tokens only (no padding)."""
+    """Concatenates the batch into one row of real tokens only (no padding).
+
+    With `bucket`, the row is padded up to a multiple of `bucket` tokens by one more record that trains nothing, and
+    the record count up to a power of two by empty records: batches then fall into a few shapes (`max_length` is the
+    row's length), each of which a CUDA graph captures once; `real_tokens` then counts the tokens before padding.
+    """
+
+    def __init__(self, bucket: int | None = None, pad_token_id: int = 0):
+        self.bucket, self.pad_token_id = bucket, pad_token_id
 
     def __call__(self, rows: Sequence[Row]) -> dict[str, torch.Tensor | int]:
         lengths = [len(row["input_ids"]) for row in rows]
+        input_ids = [t for row in rows for t in row["input_ids"]]
         labels = []
         for row in rows:
             # A record's first token has no prediction inside the record: never let it be the target of the
             # previous record's last position.
             labels += [IGNORE_INDEX] + row["labels"][1:]
+        longest, real_tokens = max(lengths), len(input_ids)
+        if self.bucket is not None:
+            padding = -sum(lengths) % self.bucket
+            input_ids += [self.pad_token_id] * padding
+            labels += [IGNORE_INDEX] * padding
+            records = 1 << len(rows).bit_length()  # a power of two above the count: room for the padding record
+            lengths += [padding] + [0] * (records - len(rows) - 1)  # the padding record, then empty ones
+            longest = len(input_ids)
         cu_seq_lens = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        return {
-            "input_ids": torch.tensor([[t for row in rows for t in row["input_ids"]]]),
+        padded = {"real_tokens": real_tokens} if self.bucket is not None else {}
+        return padded | {
+            "input_ids": torch.tensor([input_ids]),
             "labels": torch.tensor([labels]),
             "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
             "cu_seq_lens_q": cu_seq_lens,
             "cu_seq_lens_k": cu_seq_lens,
-            "max_length_q": max(lengths),
-            "max_length_k": max(lengths),
+            "max_length_q": longest,
+            "max_length_k": longest,
         }

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface
 
 VARLEN = "lowtune_varlen"
 
@@ -64,10 +63,6 @@ def _causal_flags(grouped: bool) -> dict[str, Any]:
     return flags
 
 
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    return None  # varlen attention takes the boundaries from cu_seq_lens; a dense mask would only cost memory
-
-
 # eager keeps (batch, heads, T, T) scores: fine for short rows, not for long ones. On the CPU with padded rows up to
 # this length it is faster than SDPA (measured 3.3 s against SDPA's 4.1 s for a SmolLM2-135M step of 8 x 150 tokens:
 # the CPU flash kernel is slow on short rows); `train/resolve.py` chooses by it.
@@ -75,8 +70,10 @@ EAGER_ON_CPU_UP_TO = 1024
 
 
 def set_attention(model: PreTrainedModel, name: str) -> None:
-    """Sets the model's attention kernel for training (registering lowtune's varlen kernel when it is the one)."""
+    """Sets the model's attention kernel for training (registering lowtune's varlen kernel when it is the one).
+
+    The varlen kernel registers no mask function: transformers then builds no mask (the boundaries come from
+    cu_seq_lens) and skips reading the packed position ids back to the host, a wait for the GPU in every pass."""
     if name == VARLEN:
         AttentionInterface.register(VARLEN, varlen_attention_forward)
-        AttentionMaskInterface.register(VARLEN, _no_mask)
     model.set_attn_implementation(name)

@@ -27,33 +27,46 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     Gradient, per chunk with p = softmax(logits): d loss / d hidden = (p - onehot(targets)) @ weight. It is
     computed in the forward pass, so the chunk's logits can be freed at once; backward only scales it.
+
+    With `masked`, rows whose target is IGNORE_INDEX count zero (and get a zero gradient): every row goes through,
+    so no shape depends on the labels, which a CUDA graph needs.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, onednn: bool = False
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        onednn: bool = False,
+        masked: bool = False,
     ) -> torch.Tensor:
         rows_per_chunk = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
         accumulate = torch.promote_types(weight.dtype, torch.float32)  # bf16/fp16 logits are upcast, as HF does
         total = torch.zeros((), dtype=accumulate, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        counted = (targets != IGNORE_INDEX).to(accumulate) if masked else None
+        targets = targets.clamp(min=0) if masked else targets  # an ignored row picks class 0, then counts zero
         for start in range(0, hidden.shape[0], rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
             logits = _linear(hidden[rows].to(weight.dtype), weight, onednn).to(accumulate)  # (chunk, vocab)
             log_probs = logits.log_softmax(dim=-1)  # one pass over the vocabulary (logsumexp takes four)
             del logits
-            total -= log_probs.gather(1, targets[rows, None]).sum()
+            picked = log_probs.gather(1, targets[rows, None])[:, 0]
+            total -= picked.sum() if counted is None else picked.dot(counted[rows])
             if grad_hidden is not None:
                 probs = log_probs.exp_()  # in place: the chunk's log-probabilities are not needed again
                 probs[torch.arange(probs.shape[0], device=probs.device), targets[rows]] -= 1.0
+                if counted is not None:
+                    probs.mul_(counted[rows, None])
                 grad_hidden[rows] = _linear(probs.to(weight.dtype), weight.T, onednn).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, onednn: bool) -> torch.Tensor:
@@ -65,14 +78,14 @@ def linear_cross_entropy_sum(
 ) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T` against `targets` (rows of hidden: (N, H)).
 
-    kernel: "liger" (liger-kernel's fused linear cross-entropy, CUDA) or "chunked"; onednn: the chunked products
-    through oneDNN.
+    kernel: "liger" (liger-kernel's fused linear cross-entropy, CUDA), "chunked", or "masked" (chunked over every
+    row, IGNORE_INDEX targets counting zero); onednn: the chunked products through oneDNN.
     """
     if kernel == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         return liger_fused_linear_cross_entropy(hidden.to(weight.dtype), weight, targets, reduction="sum")
-    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, onednn)
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, onednn, kernel == "masked")
 
 
 def causal_lm_loss(
@@ -84,10 +97,17 @@ def causal_lm_loss(
     onednn: bool = False,
 ) -> torch.Tensor:
     """Next-token loss: position t predicts labels[t + 1]; the sum is divided by the number of targets of the
-    whole optimizer step when given (so gradient accumulation weighs every token alike), else of this batch."""
+    whole optimizer step when given (so gradient accumulation weighs every token alike), else of this batch.
+
+    kernel "masked" takes every position (no selection: nothing waits for the GPU, every shape is fixed), the others
+    only the labelled ones."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    total = linear_cross_entropy_sum(hidden[:, :-1][keep], weight, targets[keep], kernel, onednn)  # (N, H) rows
+    if kernel == "masked":
+        rows, picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    else:
+        rows, picked = hidden[:, :-1][keep], targets[keep]  # (N, H): the boolean selection syncs with the GPU
+    total = linear_cross_entropy_sum(rows, weight, picked, kernel, onednn)
     count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
     return total / torch.as_tensor(count, device=total.device, dtype=total.dtype)
 
@@ -95,10 +115,10 @@ def causal_lm_loss(
 def install_hidden_state_loss(model: PreTrainedModel, kernel: str = "chunked", onednn: bool = False) -> None:
     """Makes `model.forward(..., labels=...)` return the loss computed from hidden states (and no logits).
 
-    kernel: "chunked" or "liger" (see `linear_cross_entropy_sum`); "transformers" keeps the model's own loss, which
-    a run whose output layer trains needs (the fused loss gives the head no gradient). Without labels (generation)
-    the model's own forward runs. The instance's forward is replaced, not the class's, so other models in the
-    process are untouched.
+    kernel: "chunked", "masked" or "liger" (see `linear_cross_entropy_sum`); "transformers" keeps the model's own
+    loss, which a run whose output layer trains needs (the fused loss gives the head no gradient). Without labels
+    (generation) the model's own forward runs. The instance's forward is replaced, not the class's, so other models
+    in the process are untouched.
     """
     head = model.get_output_embeddings()
     frozen_linear = isinstance(head, torch.nn.Linear) and not head.weight.requires_grad and head.bias is None
@@ -113,6 +133,7 @@ def install_hidden_state_loss(model: PreTrainedModel, kernel: str = "chunked", o
         num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs: Any,
     ) -> Any:
+        kwargs.pop("real_tokens", None)  # PackedCollator's count of the tokens before padding, not a model input
         if labels is None:
             return original_forward(input_ids=input_ids, **kwargs)
         # No cache: a loss never needs one, and with a cache transformers stops reading record boundaries from

@@ -15,6 +15,7 @@ offloaded checkpoints without a GPU, ...) is a `UserError` naming why, raised be
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from lowtune.model.arch import PROJECTIONS, Family, Shape
 from lowtune.model.attention import EAGER_ON_CPU_UP_TO, VARLEN
 from lowtune.model.checkpointing import Checkpointing
 from lowtune.model.load import Loading
+from lowtune.train.graphs import BUCKET as GRAPH_BUCKET
 from lowtune.train.memory import (
     GIB,
     PRECISION_BYTES,
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 RESOLVED_FILE_NAME = "resolved.yaml"
 LIGER_PARTS = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")
 DEFAULT_BATCH_SIZE = 8
+# CUDA graphs from this micro-batch size down: at ~1,200 tokens the H200 was busy 21% of an eager step and a graph
+# replayed the pass 4.2x faster; at 16,384 it was busy 97.7% (bench/NOTES.md), with nothing for a graph to remove.
+GRAPHS_UP_TO_TOKENS = 4096
 GPU_BUDGET = 0.9  # share of the GPU's memory a run may plan to use
 DENSE_COPY_SHARE = 0.25  # the cached dense base weights may take this share of the available host memory
 BF16_ON_AVX2_SLOWDOWN = "~30x"  # a bf16 matrix product against fp32 on a CPU without native bf16 (docs/quality.md)
@@ -86,7 +91,7 @@ class Resolved:
     lora_targets: list[str] | str
     fused_lora: bool
     liger: tuple[str, ...]  # the liger-kernel parts in use (LIGER_PARTS)
-    loss: str  # "chunked", "liger" or "transformers"
+    loss: str  # "chunked", "masked", "liger" or "transformers"
     base_weights: str  # the fused groups' frozen weights: "per use" (dequantized when needed) or "cached"
     onednn: bool  # the cached base products through oneDNN
     packing: bool
@@ -95,6 +100,7 @@ class Resolved:
     checkpointing: Checkpointing
     length: str  # "N steps" or "N epochs"
     chat_format: str
+    cuda_graphs: bool = False  # each micro-batch's pass replayed from a CUDA graph (train/graphs.py)
     reasons: dict[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     plan: MemoryPlan | None = None
@@ -126,6 +132,7 @@ class Resolved:
             "attention": self.attention,
             "batching": asdict(self.batching),
             "gradient_checkpointing": self.checkpointing.describe(self.plan.layers if self.plan else None),
+            "cuda_graphs": self.cuda_graphs,
             "length": self.length,
             "chat_format": self.chat_format,
         }
@@ -301,10 +308,14 @@ def resolve_run(
     fused = _fused_lora(train.fused_lora, family, model_config, shape, targets, decisions)
     head_trains = isinstance(targets, list) and "lm_head" in targets
     liger = _liger(train.liger, machine, on_gpu, family, head_trains, decisions)
-    loss = _loss(head_trains, liger, decisions)
     packing = _packing(train.packing, on_gpu, decisions)
     attention = _attention(train.attention, machine, on_gpu, packing, max(lengths), decisions)
     batching = _batching(train, packing, lengths, decisions)
+    graphs = _cuda_graphs(
+        train.cuda_graphs, on_gpu, packing, attention, fused, head_trains, loading, batching, decisions
+    )
+    if graphs:
+        batching = replace(batching, largest=padded_to_bucket(batching.largest))
     compute = loading.compute_dtype or loading.precision
     base_weights, onednn = _base_products(fused, on_gpu, shape, compute, machine, decisions)
     warning = arch.context_warning(model_config, max(lengths))
@@ -324,10 +335,30 @@ def resolve_run(
             fused=fused,
             dense_copy_bytes=_dense_copy_bytes(shape, compute) if base_weights == "cached" else 0,
         )
-    batching = _merge(train, batching, lengths, machine, on_gpu, run_shape, decisions)
+    if graphs and train.merge_micro_batches == "auto":
+        decisions.why(
+            "merge_micro_batches",
+            "CUDA graphs replay each micro-batch at the GPU's pace: merged would only raise the peak",
+        )
+    else:
+        batching = _merge(train, batching, lengths, machine, on_gpu, run_shape, decisions)
+        if graphs and batching.merged > 1:
+            batching = replace(batching, largest=padded_to_bucket(batching.largest))
     if run_shape is not None:
         run_shape = replace(run_shape, tokens=batching.largest)
     checkpointing, plan = _checkpointing(train.gradient_checkpointing, machine, on_gpu, run_shape, decisions)
+    if graphs and checkpointing.mode == "offload":
+        blocker = "offloaded checkpoints copy to pinned host memory, which a CUDA graph does not capture"
+        if train.cuda_graphs is True:
+            decisions.refuse(
+                f"train.cuda_graphs: true cannot apply: {blocker}",
+                "set train.gradient_checkpointing: true (inputs kept on the GPU) or train.cuda_graphs: auto",
+            )
+        decisions.why("cuda_graphs", blocker)
+        graphs = False
+    if graphs:
+        liger = tuple(part for part in liger if part != "fused_linear_cross_entropy")
+    loss = _loss(head_trains, liger, graphs, decisions)
     decisions.raise_problems()
     length = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs or 1:g} epochs"
     return Resolved(
@@ -346,6 +377,7 @@ def resolve_run(
         batching=batching,
         checkpointing=checkpointing,
         length=length,
+        cuda_graphs=graphs,
         chat_format=chat_format,
         reasons=decisions.reasons,
         warnings=tuple(decisions.warnings),
@@ -406,15 +438,78 @@ def _liger(
     return parts
 
 
-def _loss(head_trains: bool, liger: tuple[str, ...], decisions: _Decisions) -> str:
+def _loss(head_trains: bool, liger: tuple[str, ...], graphs: bool, decisions: _Decisions) -> str:
     if head_trains:
         decisions.why("loss", "transformers' own: the output layer trains")
         return "transformers"
+    if graphs:
+        decisions.why(
+            "loss",
+            "chunked linear cross-entropy over every position, unlabelled ones masked: fixed shapes "
+            "for the CUDA graph (liger's waits for the GPU to count the labels)",
+        )
+        return "masked"
     if "fused_linear_cross_entropy" in liger:
         decisions.why("loss", "liger-kernel's fused linear cross-entropy from hidden states (no logits kept)")
         return "liger"
     decisions.why("loss", "chunked linear cross-entropy from hidden states: only labelled positions, a chunk at a time")
     return "chunked"
+
+
+def padded_to_bucket(tokens: int) -> int:
+    """A packed row's length once padded for CUDA graphs."""
+    return -(-tokens // GRAPH_BUCKET) * GRAPH_BUCKET
+
+
+def _cuda_graphs(
+    setting: bool | str,
+    on_gpu: bool,
+    packed: bool,
+    attention: str,
+    fused: bool,
+    head_trains: bool,
+    loading: Loading,
+    batching: Batching,
+    decisions: _Decisions,
+) -> bool:
+    """Whether each pass replays from a CUDA graph (checked again once checkpointing is planned)."""
+    if setting is False:
+        decisions.why("cuda_graphs", "train.cuda_graphs: false")
+        return False
+    blocker = None
+    if not on_gpu:
+        blocker = "CUDA graphs need CUDA, and this run is on the CPU"
+    elif not packed or attention != VARLEN:
+        blocker = "they need packed rows with lowtune_varlen attention (fixed shapes, no mask read back to the host)"
+    elif not fused:
+        blocker = "they are measured with lowtune's fused LoRA groups, not peft's own LoRA modules"
+    elif head_trains:
+        blocker = "the output layer trains: transformers' loss selects labelled positions, a shape set by the data"
+    elif loading.precision == "fp16":
+        blocker = "fp16 scales the loss for each backward pass outside the captured graph"
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        blocker = "several processes: DDP reduces gradients through hooks that a captured backward skips"
+    if blocker is not None:
+        if setting is True:
+            decisions.refuse(f"train.cuda_graphs: true cannot apply: {blocker}", "set train.cuda_graphs: auto")
+        decisions.why("cuda_graphs", blocker)
+        return False
+    largest = batching.largest
+    if setting == "auto" and largest > GRAPHS_UP_TO_TOKENS:
+        decisions.why(
+            "cuda_graphs",
+            f"micro-batches of up to {largest:,} tokens keep the GPU busy on their own (graphs from "
+            f"{GRAPHS_UP_TO_TOKENS:,} down)",
+        )
+        return False
+    decisions.why(
+        "cuda_graphs",
+        "train.cuda_graphs: true"
+        if setting is True
+        else f"micro-batches of up to {largest:,} tokens are bound by the "
+        f"host: each pass replays from a CUDA graph (rows padded to a multiple of {GRAPH_BUCKET} tokens)",
+    )
+    return True
 
 
 def _packing(setting: bool | str, on_gpu: bool, decisions: _Decisions) -> bool:

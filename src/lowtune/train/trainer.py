@@ -28,8 +28,10 @@ from lowtune import internals
 from lowtune.config import RunConfig
 from lowtune.data.batching import LengthBucketBatchSampler
 from lowtune.data.pack import PackedCollator, PaddedCollator
+from lowtune.data.templates import IGNORE_INDEX
 from lowtune.errors import RunStopped
 from lowtune.model.attention import set_attention
+from lowtune.train.graphs import BUCKET, GraphedPasses
 from lowtune.train.kernels import apply_kernels
 from lowtune.train.loss import install_hidden_state_loss
 from lowtune.train.progress import RichProgressCallback
@@ -91,17 +93,38 @@ class LowtuneTrainer(Trainer):
         *args: Any,
         batch_sampler: LengthBucketBatchSampler,
         checkpoint_files: Callable[[Path], None] | None = None,
+        cuda_graphs: bool = False,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.batch_sampler = batch_sampler
         self.checkpoint_files = checkpoint_files
+        self.cuda_graphs = cuda_graphs
+        self._graphed: GraphedPasses | None = None
         self._unchecked_gradient: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (not finite, norm, step)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         result = super().train(*args, **kwargs)
         self._stop_if_a_gradient_was_not_finite()  # the last step's
         return result
+
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """With CUDA graphs, the pass replays from its capture (train/graphs.py); the loss is already divided by the
+        step's target count, as Trainer's own step expects of a model that takes num_items_in_batch."""
+        inputs.pop("real_tokens", None)  # the padded collator's count, for whoever times the step
+        if not self.cuda_graphs:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        if num_items_in_batch is None:
+            num_items_in_batch = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
+        inputs["num_items_in_batch"] = torch.as_tensor(num_items_in_batch, device=self.args.device)
+        if self._graphed is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+            self._graphed = GraphedPasses(model, params, self.compute_loss_context_manager)
+        return self._graphed(inputs)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         """Atomic checkpoints: written under .tmp-checkpoint-N, completed with the run's own files (config, chat
@@ -183,7 +206,13 @@ class LowtuneTrainer(Trainer):
 # The private Trainer methods LowtuneTrainer overrides: if transformers stopped calling one, the override (the atomic
 # checkpoint, the NaN guard) would silently never run.
 internals.check_overrides(
-    LowtuneTrainer, Trainer, {"_save_checkpoint": ("model", "trial"), "_get_grad_norm": ("model", "grad_norm")}
+    LowtuneTrainer,
+    Trainer,
+    {
+        "_save_checkpoint": ("model", "trial"),
+        "_get_grad_norm": ("model", "grad_norm"),
+        "training_step": ("model", "inputs", "num_items_in_batch"),
+    },
 )
 
 
@@ -243,7 +272,10 @@ def build_trainer(
     batching = resolved.batching
     lengths = [len(row["input_ids"]) for row in rows]
     set_attention(model.get_base_model(), resolved.attention)
-    collator = PackedCollator() if batching.packed else PaddedCollator(tokenizer.pad_token_id)
+    if batching.packed:
+        collator = PackedCollator(BUCKET if resolved.cuda_graphs else None, tokenizer.pad_token_id or 0)
+    else:
+        collator = PaddedCollator(tokenizer.pad_token_id)
     sampler = LengthBucketBatchSampler(
         lengths, batching.records or 1, batching.tokens, batching.packed, config.train.seed, merge=batching.merged
     )
@@ -258,6 +290,7 @@ def build_trainer(
         processing_class=tokenizer,
         batch_sampler=sampler,
         checkpoint_files=checkpoint_files,
+        cuda_graphs=resolved.cuda_graphs,
     )
     for callback in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(callback)
