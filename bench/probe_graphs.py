@@ -32,6 +32,7 @@ from lowtune.machine import this_machine
 from lowtune.model.attention import set_attention
 from lowtune.model.lora import attach_lora
 from lowtune.model.qwen_tokenizer import build_qwen_tokenizer
+from lowtune.train.graphs import GraphedPasses
 from lowtune.train.kernels import apply_kernels
 from lowtune.train.loss import install_hidden_state_loss
 from lowtune.train.resolve import resolve_run
@@ -41,45 +42,16 @@ def on_device(batch: dict, device: str) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-class GraphedPass:
-    """One forward and backward pass per bucket shape, captured as a CUDA graph on first use and replayed after."""
+def graphed_pass(passes: GraphedPasses, params):
+    """The pass through lowtune's graphs, returning (loss, gradients) like the eager pass (not accumulated)."""
 
-    def __init__(self, model, params, autocast, capture_mode="global"):
-        self.model, self.params, self.autocast, self.capture_mode = model, params, autocast, capture_mode
-        self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict = {}
-        self.capture_seconds = 0.0
+    def run(batch: dict):
+        for param in params:
+            param.grad = None
+        loss = passes(batch)
+        return loss, [param.grad for param in params]
 
-    def run(self, batch: dict):
-        loss = self.model(**batch).loss
-        return loss.detach(), torch.autograd.grad(loss, self.params)
-
-    def __call__(self, batch: dict):
-        key = tuple((k, tuple(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in sorted(batch.items()))
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(batch)
-        graph, static, outputs = self.graphs[key]
-        for name, value in batch.items():
-            if isinstance(value, torch.Tensor):
-                static[name].copy_(value, non_blocking=True)
-        graph.replay()
-        return outputs
-
-    def _capture(self, batch: dict):
-        start = time.perf_counter()
-        static = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), self.autocast():
-            for _ in range(3):
-                self.run(static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=self.capture_mode), self.autocast():
-            outputs = self.run(static)
-        torch.cuda.synchronize()
-        self.capture_seconds += time.perf_counter() - start
-        return graph, static, outputs
+    return run
 
 
 def timed(step, batches, repeat):
@@ -103,7 +75,6 @@ def main():
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-liger", action="store_true", help="without liger's RMSNorm, RoPE and SwiGLU")
-    parser.add_argument("--capture-mode", default="global", choices=["global", "thread_local", "relaxed"])
     parser.add_argument("--no-preserve-rng", action="store_true", help="checkpoints do not stash the RNG state")
     parser.add_argument("--profile", default=None, help="write a chrome trace of one graph replay here")
     args = parser.parse_args()
@@ -177,7 +148,8 @@ def main():
 
         print("a host sync in the bucketed pass:\n" + "".join(traceback.format_exc().splitlines(True)[-24:]))
     torch.cuda.set_sync_debug_mode("default")
-    graphed = GraphedPass(peft_model, params, autocast, args.capture_mode)
+    passes = GraphedPasses(peft_model, params, autocast)
+    graphed = graphed_pass(passes, params)
     torch.cuda.reset_peak_memory_stats()
     try:
         for batch in bucketed:
@@ -188,8 +160,8 @@ def main():
         raise
     print(
         f"graph     (masked ) {seconds * 1e3:7.1f} ms a pass  {tokens / seconds:7,.0f} tok/s  peak "
-        f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB  ({len(graphed.graphs)} graphs captured in "
-        f"{graphed.capture_seconds:.1f} s)",
+        f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB  ({passes.captured} graphs captured in "
+        f"{passes.capture_seconds:.1f} s)",
         flush=True,
     )
     for label, other in (("bucketed", results["bucketed"]), ("eager", results["eager"])):
@@ -209,7 +181,7 @@ def main():
         for module in peft_model.modules():
             if getattr(module, "gradient_checkpointing", False):
                 module.gradient_checkpointing = False
-        plain = GraphedPass(peft_model, params, autocast, args.capture_mode)
+        plain = graphed_pass(GraphedPasses(peft_model, params, autocast), params)
         plain(bucketed[0])  # captured without checkpointing
         torch.cuda.manual_seed(1234)
         loss, grads = plain(bucketed[0])

@@ -326,6 +326,7 @@ def test_small_steps_replay_from_cuda_graphs_unmerged_with_the_masked_loss_and_p
 def test_cuda_graphs_that_cannot_apply_are_refused_when_asked_for_and_logged_when_auto():
     offloaded = merging("auto", cuda_graphs="auto", gradient_checkpointing="offload")
     assert not offloaded.cuda_graphs and "pinned host memory" in offloaded.reasons["cuda_graphs"]
+    assert offloaded.batching.merged == 2 and offloaded.batching.largest == 16 * 200  # eager: merged, not padded
     with pytest.raises(UserError, match="train.cuda_graphs: true cannot apply: offloaded"):
         merging("auto", cuda_graphs=True, gradient_checkpointing="offload")
     with pytest.raises(UserError, match="train.cuda_graphs: true cannot apply: CUDA graphs need CUDA"):

@@ -50,6 +50,7 @@ DEFAULT_BATCH_SIZE = 8
 # CUDA graphs from this micro-batch size down: at ~1,200 tokens the H200 was busy 21% of an eager step and a graph
 # replayed the pass 4.2x faster; at 16,384 it was busy 97.7% (bench/NOTES.md), with nothing for a graph to remove.
 GRAPHS_UP_TO_TOKENS = 4096
+OFFLOAD_BLOCKS_GRAPHS = "offloaded checkpoints copy to pinned host memory, which a CUDA graph does not capture"
 GPU_BUDGET = 0.9  # share of the GPU's memory a run may plan to use
 DENSE_COPY_SHARE = 0.25  # the cached dense base weights may take this share of the available host memory
 BF16_ON_AVX2_SLOWDOWN = "~30x"  # a bf16 matrix product against fp32 on a CPU without native bf16 (docs/quality.md)
@@ -311,11 +312,7 @@ def resolve_run(
     packing = _packing(train.packing, on_gpu, decisions)
     attention = _attention(train.attention, machine, on_gpu, packing, max(lengths), decisions)
     batching = _batching(train, packing, lengths, decisions)
-    graphs = _cuda_graphs(
-        train.cuda_graphs, on_gpu, packing, attention, fused, head_trains, loading, batching, decisions
-    )
-    if graphs:
-        batching = replace(batching, largest=padded_to_bucket(batching.largest))
+    graphs = _cuda_graphs(train, on_gpu, packing, attention, fused, head_trains, loading, batching, decisions)
     compute = loading.compute_dtype or loading.precision
     base_weights, onednn = _base_products(fused, on_gpu, shape, compute, machine, decisions)
     warning = arch.context_warning(model_config, max(lengths))
@@ -342,19 +339,13 @@ def resolve_run(
         )
     else:
         batching = _merge(train, batching, lengths, machine, on_gpu, run_shape, decisions)
-        if graphs and batching.merged > 1:
-            batching = replace(batching, largest=padded_to_bucket(batching.largest))
+    if graphs:
+        batching = replace(batching, largest=padded_to_bucket(batching.largest))  # the plan counts the padding
     if run_shape is not None:
         run_shape = replace(run_shape, tokens=batching.largest)
     checkpointing, plan = _checkpointing(train.gradient_checkpointing, machine, on_gpu, run_shape, decisions)
-    if graphs and checkpointing.mode == "offload":
-        blocker = "offloaded checkpoints copy to pinned host memory, which a CUDA graph does not capture"
-        if train.cuda_graphs is True:
-            decisions.refuse(
-                f"train.cuda_graphs: true cannot apply: {blocker}",
-                "set train.gradient_checkpointing: true (inputs kept on the GPU) or train.cuda_graphs: auto",
-            )
-        decisions.why("cuda_graphs", blocker)
+    if graphs and checkpointing.mode == "offload":  # chosen by the plan (a configured offload is refused earlier)
+        decisions.why("cuda_graphs", f"the memory plan offloads checkpoints: {OFFLOAD_BLOCKS_GRAPHS}")
         graphs = False
     if graphs:
         liger = tuple(part for part in liger if part != "fused_linear_cross_entropy")
@@ -462,7 +453,7 @@ def padded_to_bucket(tokens: int) -> int:
 
 
 def _cuda_graphs(
-    setting: bool | str,
+    train: Any,
     on_gpu: bool,
     packed: bool,
     attention: str,
@@ -473,6 +464,7 @@ def _cuda_graphs(
     decisions: _Decisions,
 ) -> bool:
     """Whether each pass replays from a CUDA graph (checked again once checkpointing is planned)."""
+    setting = train.cuda_graphs
     if setting is False:
         decisions.why("cuda_graphs", "train.cuda_graphs: false")
         return False
@@ -489,6 +481,8 @@ def _cuda_graphs(
         blocker = "fp16 scales the loss for each backward pass outside the captured graph"
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         blocker = "several processes: DDP reduces gradients through hooks that a captured backward skips"
+    elif train.gradient_checkpointing == "offload":
+        blocker = OFFLOAD_BLOCKS_GRAPHS
     if blocker is not None:
         if setting is True:
             decisions.refuse(f"train.cuda_graphs: true cannot apply: {blocker}", "set train.cuda_graphs: auto")
