@@ -11,7 +11,14 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM
 
 from lowtune.config import LoraSettings
-from lowtune.model.checkpointing import ActivationOffloader, Checkpointing, enable_checkpointing
+from lowtune.model.checkpointing import (
+    HOST_ALIGNMENT,
+    HOST_CHUNK_BYTES,
+    ActivationOffloader,
+    Checkpointing,
+    HostBuffers,
+    enable_checkpointing,
+)
 from lowtune.model.lora import attach_lora
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -50,6 +57,11 @@ def test_offload_gives_the_loss_and_lora_gradients_of_plain_checkpointing(tiny_q
     # The hooks saw exactly one tensor per layer (its input) and brought each back once.
     offloader = model.get_base_model().model.layers[0]._gradient_checkpointing_func.func.__self__
     assert (offloader.offloaded, offloader.fetched) == (2, 2)
+    # Once the backward is done no host copy is held, and the next pass reuses the same host memory.
+    assert offloader.host.alive == 0
+    chunks = [chunk.data_ptr() for chunk in offloader.host.chunks]
+    model(input_ids=torch.zeros(2, 24, dtype=torch.long, device=DEVICE), labels=None).logits.sum().backward()
+    assert offloader.host.alive == 0 and [chunk.data_ptr() for chunk in offloader.host.chunks] == chunks
 
 
 def test_each_recomputation_finds_the_input_of_the_layer_before_on_its_way():
@@ -92,3 +104,16 @@ def test_checkpointing_the_first_layer_only_gives_the_same_loss_and_gradients(ti
         assert torch.equal(grads_first[name], grad), name
     offloader = layers[0]._gradient_checkpointing_func.func.__self__
     assert (offloader.offloaded, offloader.fetched) == (1, 1)  # only the checkpointed layer's input
+
+
+def test_host_buffers_are_reused_by_the_next_pass_and_grow_only_when_a_pass_needs_more():
+    buffers = HostBuffers(pinned=False)
+    first = [buffers.take(torch.Size([3, 5]), torch.bfloat16) for _ in range(3)]
+    assert [t.data_ptr() - first[0].data_ptr() for t in first] == [0, HOST_ALIGNMENT, 2 * HOST_ALIGNMENT]
+    assert len(buffers.chunks) == 1 and buffers.alive == 3
+    for _ in first:
+        buffers.release()
+    again = buffers.take(torch.Size([3, 5]), torch.bfloat16)  # a new pass starts at the beginning
+    assert again.data_ptr() == first[0].data_ptr() and again.shape == (3, 5) and again.dtype == torch.bfloat16
+    big = buffers.take(torch.Size([HOST_CHUNK_BYTES]), torch.uint8)  # does not fit beside it: a chunk of its own
+    assert len(buffers.chunks) == 2 and big.data_ptr() == buffers.chunks[1].data_ptr()

@@ -324,13 +324,14 @@ def test_small_steps_replay_from_cuda_graphs_unmerged_with_the_masked_loss_and_p
 
 
 def test_cuda_graphs_that_cannot_apply_are_refused_when_asked_for_and_logged_when_auto():
-    offloaded = merging("auto", cuda_graphs="auto", gradient_checkpointing="offload")
-    assert not offloaded.cuda_graphs and "pinned host memory" in offloaded.reasons["cuda_graphs"]
-    assert offloaded.batching.merged == 2 and offloaded.batching.largest == 16 * 200  # eager: merged, not padded
-    with pytest.raises(UserError, match="train.cuda_graphs: true cannot apply: offloaded"):
-        merging("auto", cuda_graphs=True, gradient_checkpointing="offload")
+    padded = merging("auto", cuda_graphs="auto", packing=False)
+    assert not padded.cuda_graphs and "packed rows" in padded.reasons["cuda_graphs"]
+    with pytest.raises(UserError, match="train.cuda_graphs: true cannot apply: they need packed rows"):
+        merging("auto", cuda_graphs=True, packing=False)
     with pytest.raises(UserError, match="train.cuda_graphs: true cannot apply: CUDA graphs need CUDA"):
         resolve(config(train={"cuda_graphs": True}), machine(EPYC_AVX2))
     assert "on the CPU" in resolve(config(), machine(EPYC_AVX2)).reasons["cuda_graphs"]
     checkpointed = merging("auto", cuda_graphs=True, gradient_checkpointing=True)
     assert checkpointed.cuda_graphs and checkpointed.checkpointing.mode == "on"
+    offloaded = merging("auto", cuda_graphs="auto", gradient_checkpointing="offload")  # the graph copies them too
+    assert offloaded.cuda_graphs and offloaded.checkpointing.mode == "offload" and offloaded.batching.merged == 1

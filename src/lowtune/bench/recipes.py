@@ -53,6 +53,8 @@ class Measurement:
     first_loss: float
     last_loss: float
     planned_peak_gib: float | None = None
+    # What the allocator held at most (allocated or cached): with CUDA graphs, their memory pool stays reserved.
+    reserved_gib: float | None = None
     checkpointing: str | None = None
     batching: str | None = None
 
@@ -155,7 +157,7 @@ def timed_training(
     trainer.train()
     rate, timed, step_seconds, step_tokens = clock.rate()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return Measurement(
+    measured = Measurement(
         name,
         quantization,
         rate,
@@ -167,6 +169,9 @@ def timed_training(
         losses[0],
         losses[-1],
     )
+    if torch.cuda.is_available():
+        measured.reserved_gib = torch.cuda.max_memory_reserved() / 2**30
+    return measured
 
 
 def tutorial_recipe(

@@ -161,6 +161,7 @@ def _result_line(
     }
     if peer:
         line |= {f"{PEER}_tok_s": peer["tokens_per_second"], f"{PEER}_peak_gib": peer["peak_gib"]}
+        line[f"{PEER}_reserved_gib"] = peer.get("reserved_gib")
         for recipe, values in measured.items():
             if recipe.startswith("lowtune") and values:
                 key = recipe.replace(" ", "_")
@@ -178,6 +179,7 @@ def results_table(lines: list[dict[str, Any]]) -> Table:
         "x tutorial",
         f"x {PEER}",
         "peak GiB",
+        "reserved GiB",
         "plan GiB",
         "loss, same 64 records",
         "tokens/step",
@@ -199,6 +201,7 @@ def results_table(lines: list[dict[str, Any]]) -> Table:
                 f"{rate / seed['tokens_per_second']:.1f}x" if seed else "",
                 f"{rate / peer['tokens_per_second']:.2f}x" if peer else "",
                 f"{values['peak_gib']:.1f}",
+                f"{values['reserved_gib']:.1f}" if values.get("reserved_gib") else "",
                 f"{values['planned_peak_gib']:.1f}" if values.get("planned_peak_gib") else "",
                 f"{values['loss_same_samples']:.4f}" if values.get("loss_same_samples") is not None else "",
                 f"{values['tokens_per_step']:,.0f}",

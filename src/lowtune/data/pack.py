@@ -46,6 +46,12 @@ class PackedCollator:
     def __init__(self, bucket: int | None = None, pad_token_id: int = 0):
         self.bucket, self.pad_token_id = bucket, pad_token_id
 
+    def shape(self, lengths: Sequence[int]) -> tuple[int, int]:
+        """(tokens, record slots) of the padded row of records of these lengths (with `bucket` only)."""
+        assert self.bucket is not None
+        tokens = -(-sum(lengths) // self.bucket) * self.bucket
+        return tokens, 1 << len(lengths).bit_length()  # a power of two above the count: room for the padding record
+
     def __call__(self, rows: Sequence[Row]) -> dict[str, torch.Tensor | int]:
         lengths = [len(row["input_ids"]) for row in rows]
         input_ids = [t for row in rows for t in row["input_ids"]]
@@ -56,12 +62,12 @@ class PackedCollator:
             labels += [IGNORE_INDEX] + row["labels"][1:]
         longest, real_tokens = max(lengths), len(input_ids)
         if self.bucket is not None:
-            padding = -sum(lengths) % self.bucket
+            tokens, records = self.shape(lengths)
+            padding = tokens - real_tokens
             input_ids += [self.pad_token_id] * padding
             labels += [IGNORE_INDEX] * padding
-            records = 1 << len(rows).bit_length()  # a power of two above the count: room for the padding record
             lengths += [padding] + [0] * (records - len(rows) - 1)  # the padding record, then empty ones
-            longest = len(input_ids)
+            longest = tokens
         cu_seq_lens = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         padded = {"real_tokens": real_tokens} if self.bucket is not None else {}
         return padded | {

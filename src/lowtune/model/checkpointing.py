@@ -5,10 +5,14 @@ layer's input (tokens x hidden, bf16), from which the layer is recomputed. For a
 32 x 16k x 4096 x 2 B = 4 GiB of GPU memory. `offload` keeps those inputs in pinned host memory instead:
 
 - forward: once the compute stream has queued layer i's input, a side stream copies it to the host while layer i
-  computes; the allocator reuses its GPU block only after the copy (`record_stream`).
+  computes; the input's GPU block is let go at layer i+1's input, once the compute stream has waited for the copy
+  (an event, not `record_stream`: during a CUDA graph capture the allocator would not reuse a block that another
+  stream used until the capture ends, and the offload would save no GPU memory there).
 - backward: when layer i's recomputation asks for its input, the side stream starts bringing back layer i-1's, so
   that it is on the GPU before layer i's backward ends; the compute stream waits on an event for each input.
-So at most two layer inputs are on the GPU at any time (see `train/memory.py`).
+So at most two layer inputs are on the GPU at any time (see `train/memory.py`). The host copies live in pinned
+buffers that the offloader allocates once and reuses from each pass to the next, so a CUDA graph can capture the
+copies (a capture cannot allocate pinned memory) and replay them into the same buffers.
 
 Non-reentrant `torch.utils.checkpoint` saves a layer's inputs through the saved-tensor hooks in force around the
 call (what the layer saves inside goes through the checkpoint's own, innermost hooks), so hooks around each
@@ -82,6 +86,10 @@ def enable_checkpointing(model: PreTrainedModel, checkpointing: Checkpointing) -
     return offloader
 
 
+HOST_CHUNK_BYTES = 256 * 2**20  # pinned host memory is allocated in chunks of this size (or one tensor's, if larger)
+HOST_ALIGNMENT = 512  # bytes: every host copy starts on this boundary
+
+
 class _HostCopy:
     """One offloaded tensor: its host copy, the copy of the tensor saved just before it, and its way back."""
 
@@ -92,6 +100,46 @@ class _HostCopy:
         self.previous = previous  # weak: a copy lives as long as autograd keeps it, no longer
         self.on_device: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
+
+
+class HostBuffers:
+    """Host memory (pinned for CUDA) for one pass's copies, reused by the next once no copy of this one is alive.
+
+    Chunks are allocated when a pass needs more than there is, and never freed: a captured CUDA graph keeps writing
+    into the addresses it captured. Passes reuse them from the start, so the host holds the largest pass's copies.
+    """
+
+    def __init__(self, pinned: bool):
+        self.pinned = pinned  # on the CPU, plain memory: the same bookkeeping, nothing saved
+        self.chunks: list[torch.Tensor] = []
+        self.alive = 0  # copies of the current pass that autograd still holds
+        self._chunk, self._offset = 0, 0
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """A pinned host tensor for one copy; it is the pass's until every copy taken in the pass has died."""
+        if self.alive == 0:
+            self._chunk, self._offset = 0, 0  # a new pass
+        size = torch.Size(shape).numel() * dtype.itemsize
+        while self._chunk < len(self.chunks) and self._offset + size > self.chunks[self._chunk].numel():
+            self._chunk, self._offset = self._chunk + 1, 0
+        if self._chunk == len(self.chunks):
+            if self.pinned and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "a CUDA graph capture needs more pinned host memory than the passes before it allocated"
+                )
+            self.chunks.append(torch.empty(max(size, HOST_CHUNK_BYTES), dtype=torch.uint8, pin_memory=self.pinned))
+        host = self.chunks[self._chunk][self._offset : self._offset + size].view(dtype).view(shape)
+        self._offset += -(-size // HOST_ALIGNMENT) * HOST_ALIGNMENT
+        self.alive += 1
+        return host
+
+    def release(self) -> None:
+        """A copy died."""
+        self.alive -= 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(chunk.numel() for chunk in self.chunks)
 
 
 class ActivationOffloader:
@@ -105,9 +153,12 @@ class ActivationOffloader:
     def __init__(self, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.host = HostBuffers(pinned=device.type == "cuda")
         self.offloaded = 0  # tensors moved so far
         self.fetched = 0  # tensors brought back so far
         self._last: weakref.ref[_HostCopy] | None = None
+        # The input whose copy to the host may still run, and the copy's end: its block is let go at the next input.
+        self._copying: tuple[torch.Tensor, torch.cuda.Event] | None = None
 
     def checkpoint(self, checkpoint: Callable[..., Any], function: Callable[..., Any], *args: Any, **kwargs: Any):
         """`checkpoint(function, *args, **kwargs)`, with the inputs it saves for the recomputation offloaded."""
@@ -117,22 +168,31 @@ class ActivationOffloader:
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor | _HostCopy:
         if tensor.device != self.device or tensor.numel() == 0:
             return tensor  # the checkpoint's own empty marker, or anything not on the training device
+        self._let_go()
+        host = self.host.take(tensor.shape, tensor.dtype)
         if self.stream is None:
-            copy = _HostCopy(tensor.detach().clone(), self._last)
+            host.copy_(tensor.detach())
         else:
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the tensor is written there
             with torch.cuda.stream(self.stream):
                 host.copy_(tensor.detach(), non_blocking=True)
-            tensor.record_stream(self.stream)  # its GPU block is reused only once the copy is done
-            copy = _HostCopy(host, self._last)
+                self._copying = (tensor, self.stream.record_event())
+        copy = _HostCopy(host, self._last)
+        weakref.finalize(copy, self.host.release)
         self._last = weakref.ref(copy)
         self.offloaded += 1
         return copy
 
+    def _let_go(self) -> None:
+        """Lets the allocator reuse the last offloaded input's GPU block, for work queued after its copy."""
+        if self._copying is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._copying[1])
+            self._copying = None
+
     def _unpack(self, saved: torch.Tensor | _HostCopy) -> torch.Tensor:
         if isinstance(saved, torch.Tensor):
             return saved
+        self._let_go()  # the forward's last input: the backward has begun
         self._fetch(saved)
         previous = saved.previous() if saved.previous is not None else None
         if previous is not None:

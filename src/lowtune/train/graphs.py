@@ -8,8 +8,8 @@ no mask, so nothing reads a value back to the host inside the pass. Dropout draw
 replay, and a checkpointed layer's recomputation redraws its forward's masks (measured equal to the uncheckpointed
 graph on the H200; bench/probe_graphs.py).
 
-The gradients come out of the graph with `torch.autograd.grad` (into the graph's own buffers) and are added to the
-adapters' `.grad` after each replay, so accumulation, clipping and the optimizer stay Trainer's.
+The gradients come out of the pass with `torch.autograd.grad` and are added, inside the graph, into buffers that
+are the adapters' `.grad`, so accumulation across micro-batches, clipping and the optimizer stay Trainer's.
 """
 
 from __future__ import annotations
@@ -39,7 +39,11 @@ class GraphedPasses:
     ):
         self.model, self.params, self.autocast = model, list(params), autocast
         self.pool = torch.cuda.graph_pool_handle()  # one memory pool for every capture: they never run at once
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, Any], tuple]] = {}
+        self.warmup_stream = torch.cuda.Stream()  # one: each new stream would hold its own cuBLAS workspace
+        # Every graph adds its gradients into these, the adapters' `.grad` (not into buffers of its own: a graph's
+        # outputs outlive it, so per-graph gradients would cost the adapters' size once per row shape).
+        self.gradients = [torch.zeros_like(p) for p in self.params]
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, Any], torch.Tensor]] = {}
         self.capture_seconds = 0.0
 
     @property
@@ -49,22 +53,27 @@ class GraphedPasses:
     def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
         """Runs the pass on `batch` (tensors on the GPU, `num_items_in_batch` a tensor), adds the adapters'
         gradients into their `.grad`, and returns the loss (a fresh tensor)."""
-        key = tuple((k, tuple(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in sorted(batch.items()))
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(batch)
-            log.info(
-                "CUDA graph captured for rows of %d tokens (%d so far, %.1f s)",
-                batch["input_ids"].shape[1],
-                self.captured,
-                self.capture_seconds,
-            )
-        graph, static, (loss, grads) = self._graphs[key]
+        graph, static, loss = self._graphs.get(shape_key(batch)) or self.capture(batch)
         for name, value in batch.items():
             if isinstance(value, torch.Tensor):
                 static[name].copy_(value, non_blocking=True)
+        self._bind_gradients()
         graph.replay()
-        self._accumulate(grads)
         return loss.clone()  # the graph's own buffer is overwritten by the next replay
+
+    def capture(self, batch: dict[str, Any]) -> tuple[torch.cuda.CUDAGraph, dict[str, Any], torch.Tensor]:
+        """The graph of `batch`'s shape, captured now unless it was before."""
+        key = shape_key(batch)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(batch)
+            log.info(
+                "CUDA graph captured for rows of %d tokens (%d so far, %.1f s; %.2f GiB allocated)",
+                batch["input_ids"].shape[1],
+                self.captured,
+                self.capture_seconds,
+                torch.cuda.memory_allocated() / 2**30,
+            )
+        return self._graphs[key]
 
     def _pass(self, batch: dict[str, Any]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         with self.autocast():
@@ -72,27 +81,38 @@ class GraphedPasses:
         # detached: a live autograd graph would keep the adapters' gradient nodes, bound to the stream they ran on
         return loss.detach(), torch.autograd.grad(loss, self.params)
 
-    def _capture(self, batch: dict[str, Any]) -> tuple[torch.cuda.CUDAGraph, dict[str, Any], tuple]:
+    def _capture(self, batch: dict[str, Any]) -> tuple[torch.cuda.CUDAGraph, dict[str, Any], torch.Tensor]:
         start = time.perf_counter()
         static = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        self.warmup_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.warmup_stream):
             for _ in range(WARMUP_PASSES):
-                self._pass(static)
-        torch.cuda.current_stream().wait_stream(side)
+                self._pass(static)  # not accumulated: only the replays train
+        torch.cuda.current_stream().wait_stream(self.warmup_stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            outputs = self._pass(static)
+            loss, gradients = self._pass(static)
+            torch._foreach_add_(self.gradients, list(gradients))
+        torch.cuda.empty_cache()  # the warm-up passes' blocks, cached for their stream, would stay reserved
         self.capture_seconds += time.perf_counter() - start
-        return graph, static, outputs
+        return graph, static, loss
 
-    def _accumulate(self, grads: Sequence[torch.Tensor]) -> None:
-        empty = [i for i, p in enumerate(self.params) if p.grad is None]
-        if len(empty) == len(self.params):  # the step's first micro-batch (Trainer sets the gradients to None)
-            for param, grad in zip(self.params, torch._foreach_mul(list(grads), 1.0), strict=True):
-                param.grad = grad
+    def _bind_gradients(self) -> None:
+        """Makes the adapters' `.grad` the graphs' accumulators, zeroed at a step's first micro-batch (Trainer sets
+        the gradients to None after each optimizer step)."""
+        current = [p.grad for p in self.params]
+        if all(grad is mine for grad, mine in zip(current, self.gradients, strict=True)):
             return
-        for i in empty:
-            self.params[i].grad = torch.zeros_like(self.params[i])
-        torch._foreach_add_([p.grad for p in self.params], list(grads))
+        if any(grad is not None for grad in current):
+            raise RuntimeError(
+                "the adapters' gradients were replaced outside the CUDA graphs' accumulators; set "
+                "train.cuda_graphs: false if something else must write them"
+            )
+        torch._foreach_zero_(self.gradients)
+        for param, grad in zip(self.params, self.gradients, strict=True):
+            param.grad = grad
+
+
+def shape_key(batch: dict[str, Any]) -> tuple:
+    """What a graph fixes of a batch: each tensor's shape, and every other value."""
+    return tuple((k, tuple(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in sorted(batch.items()))

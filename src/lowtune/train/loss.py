@@ -20,6 +20,8 @@ from lowtune import internals
 from lowtune.data.templates import IGNORE_INDEX
 
 CHUNK_BYTES = 256 * 2**20  # fp32 logits held at once
+# Inside a CUDA graph more chunks cost no launches, and "masked" projects every position, labelled or not.
+MASKED_CHUNK_BYTES = 64 * 2**20
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -41,7 +43,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         onednn: bool = False,
         masked: bool = False,
     ) -> torch.Tensor:
-        rows_per_chunk = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+        rows_per_chunk = chunk_rows(weight.shape[0], masked)
         accumulate = torch.promote_types(weight.dtype, torch.float32)  # bf16/fp16 logits are upcast, as HF does
         total = torch.zeros((), dtype=accumulate, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
@@ -67,6 +69,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (grad_hidden,) = ctx.saved_tensors
         return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
+
+
+def chunk_rows(vocab: int, masked: bool) -> int:
+    """Rows of logits one chunk of the chunked loss holds."""
+    return max(1, (MASKED_CHUNK_BYTES if masked else CHUNK_BYTES) // (4 * vocab))
+
+
+def chunk_peak_bytes(rows: int, vocab: int, kernel: str) -> int:
+    """What the chunked losses hold on top of the hidden states at their peak: a chunk's fp32 logits and their
+    log-probabilities (liger's fused loss, its own small chunks, is not counted)."""
+    if kernel not in ("chunked", "masked"):
+        return 0
+    return 8 * min(rows, chunk_rows(vocab, kernel == "masked")) * vocab
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, onednn: bool) -> torch.Tensor:

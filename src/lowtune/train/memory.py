@@ -10,7 +10,8 @@ Counted from the model family's shape (`model/arch`) and the run's choices, part
   offloaded to the host, only the two in flight (the layer being recomputed and the next one's, prefetched);
 - activations: what autograd keeps for each layer that is not checkpointed, or for the one being recomputed, from
   the tensors each operation saves (see `saved_bytes_per_token`), and what a layer's backward pass adds;
-- loss: the hidden states and their gradient for the labelled tokens (the logits are chunked and never whole).
+- loss: the hidden states and their gradient for the labelled tokens (the logits are chunked and never whole), and
+  the chunk of logits that lowtune's chunked losses hold.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rich.table import Table
 
 from lowtune.model.arch import Shape
 from lowtune.model.checkpointing import Checkpointing
+from lowtune.train.loss import chunk_peak_bytes
 
 GIB = 2**30
 BF16 = 2
@@ -79,6 +81,7 @@ class RunShape:
     tokens: int  # in the largest micro-batch
     dropout: float
     fused: bool
+    loss: str = "liger"  # the loss kernel (train/loss.py): the chunked ones hold a chunk of logits
     dense_copy_bytes: int = 0  # the cached dense base weights (GroupKernels.dequantize_once)
 
     def plan(self, checkpointing: Checkpointing) -> MemoryPlan:
@@ -99,7 +102,7 @@ class RunShape:
             adapters=16 * self.rank * adapted * shape.layers,
             checkpoints=on_gpu * layer_input,
             activations=layers_alive * layer_bytes + backward_bytes,
-            loss=2 * tokens * shape.hidden * BF16,
+            loss=2 * tokens * shape.hidden * BF16 + chunk_peak_bytes(tokens, shape.vocab, self.loss),
             tokens=tokens,
             checkpointing=checkpointing,
             layers=shape.layers,

@@ -50,7 +50,6 @@ DEFAULT_BATCH_SIZE = 8
 # CUDA graphs from this micro-batch size down: at ~1,200 tokens the H200 was busy 21% of an eager step and a graph
 # replayed the pass 4.2x faster; at 16,384 it was busy 97.7% (bench/NOTES.md), with nothing for a graph to remove.
 GRAPHS_UP_TO_TOKENS = 4096
-OFFLOAD_BLOCKS_GRAPHS = "offloaded checkpoints copy to pinned host memory, which a CUDA graph does not capture"
 GPU_BUDGET = 0.9  # share of the GPU's memory a run may plan to use
 DENSE_COPY_SHARE = 0.25  # the cached dense base weights may take this share of the available host memory
 BF16_ON_AVX2_SLOWDOWN = "~30x"  # a bf16 matrix product against fp32 on a CPU without native bf16 (docs/quality.md)
@@ -318,6 +317,7 @@ def resolve_run(
     warning = arch.context_warning(model_config, max(lengths))
     if warning:
         decisions.warnings.append(warning)
+    loss = _loss(head_trains, liger, graphs, decisions)
     run_shape = None
     if shape is not None:
         run_shape = RunShape(
@@ -330,6 +330,7 @@ def resolve_run(
             tokens=batching.largest,
             dropout=config.lora.dropout,
             fused=fused,
+            loss=loss,
             dense_copy_bytes=_dense_copy_bytes(shape, compute) if base_weights == "cached" else 0,
         )
     if graphs and train.merge_micro_batches == "auto":
@@ -344,12 +345,8 @@ def resolve_run(
     if run_shape is not None:
         run_shape = replace(run_shape, tokens=batching.largest)
     checkpointing, plan = _checkpointing(train.gradient_checkpointing, machine, on_gpu, run_shape, decisions)
-    if graphs and checkpointing.mode == "offload":  # chosen by the plan (a configured offload is refused earlier)
-        decisions.why("cuda_graphs", f"the memory plan offloads checkpoints: {OFFLOAD_BLOCKS_GRAPHS}")
-        graphs = False
     if graphs:
         liger = tuple(part for part in liger if part != "fused_linear_cross_entropy")
-    loss = _loss(head_trains, liger, graphs, decisions)
     decisions.raise_problems()
     length = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs or 1:g} epochs"
     return Resolved(
@@ -463,7 +460,7 @@ def _cuda_graphs(
     batching: Batching,
     decisions: _Decisions,
 ) -> bool:
-    """Whether each pass replays from a CUDA graph (checked again once checkpointing is planned)."""
+    """Whether each pass replays from a CUDA graph."""
     setting = train.cuda_graphs
     if setting is False:
         decisions.why("cuda_graphs", "train.cuda_graphs: false")
@@ -481,8 +478,6 @@ def _cuda_graphs(
         blocker = "fp16 scales the loss for each backward pass outside the captured graph"
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         blocker = "several processes: DDP reduces gradients through hooks that a captured backward skips"
-    elif train.gradient_checkpointing == "offload":
-        blocker = OFFLOAD_BLOCKS_GRAPHS
     if blocker is not None:
         if setting is True:
             decisions.refuse(f"train.cuda_graphs: true cannot apply: {blocker}", "set train.cuda_graphs: auto")

@@ -100,6 +100,7 @@ class LowtuneTrainer(Trainer):
         self.batch_sampler = batch_sampler
         self.checkpoint_files = checkpoint_files
         self.cuda_graphs = cuda_graphs
+        self.row_collator = self.data_collator  # itself: the throughput meter later wraps data_collator
         self._graphed: GraphedPasses | None = None
         self._unchecked_gradient: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (not finite, norm, step)
 
@@ -124,7 +125,24 @@ class LowtuneTrainer(Trainer):
         if self._graphed is None:
             params = [p for p in model.parameters() if p.requires_grad]
             self._graphed = GraphedPasses(model, params, self.compute_loss_context_manager)
+            self._capture_epoch_shapes()
         return self._graphed(inputs)
+
+    def _capture_epoch_shapes(self) -> None:
+        """Captures a graph for every row shape of this epoch's micro-batches at the first step, so that no later
+        step stops for a capture (a later epoch's new shapes are captured when they come)."""
+        assert self._graphed is not None
+        shapes: dict[tuple[int, int], list[int]] = {}
+        for indices in self.batch_sampler:
+            lengths = [len(self.train_dataset[i]["input_ids"]) for i in indices]
+            shapes.setdefault(self.row_collator.shape(lengths), indices)
+        rows = ", ".join(f"{tokens} x {records}" for tokens, records in sorted(shapes))
+        log.info("CUDA graphs: capturing this epoch's %d row shapes (tokens x record slots: %s)", len(shapes), rows)
+        for indices in shapes.values():
+            batch = self._prepare_inputs(self.row_collator([self.train_dataset[i] for i in indices]))
+            batch.pop("real_tokens")
+            batch["num_items_in_batch"] = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+            self._graphed.capture(batch)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         """Atomic checkpoints: written under .tmp-checkpoint-N, completed with the run's own files (config, chat

@@ -1,0 +1,109 @@
+"""CUDA graphs replay the eager pass: the same loss and LoRA gradients, accumulated across micro-batches and steps.
+
+A GPU test: collected only with LOWTUNE_TEST_DEVICE=cuda (tests/conftest.py), on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lowtune import machine
+from lowtune.config import RunConfig
+from lowtune.data.pack import PackedCollator
+from lowtune.model.arch import PROJECTIONS, read_model_config
+from lowtune.model.attention import set_attention
+from lowtune.model.lora import attach_lora
+from lowtune.train.graphs import BUCKET, GraphedPasses
+from lowtune.train.kernels import apply_kernels
+from lowtune.train.loss import install_hidden_state_loss
+from lowtune.train.resolve import resolve_run
+
+LENGTHS = [37, 90, 12, 64, 200, 5, 71]
+
+
+def graphed_model(folder, checkpointing: bool | str):
+    config = RunConfig.model_validate(
+        {
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": list(PROJECTIONS)},
+            "train": {"cuda_graphs": True, "gradient_checkpointing": checkpointing, "batch_size": 2},
+        }
+    )
+    resolved = resolve_run(config, machine.this_machine(), read_model_config(folder), LENGTHS, "qwen")
+    assert resolved.cuda_graphs and resolved.loss == "masked"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": "cuda"})
+    torch.manual_seed(0)
+    model = attach_lora(model, config.lora, resolved.lora_targets, resolved.checkpointing)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_()
+    set_attention(model.get_base_model(), resolved.attention)
+    install_hidden_state_loss(model.get_base_model(), resolved.loss)
+    apply_kernels(model, resolved)
+    model.train()
+    return model
+
+
+def micro_batches(splits):
+    """Packed, bucketed micro-batches of random records, `num_items_in_batch` counting the whole step's targets."""
+    generator = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": torch.randint(0, 1000, (n,), generator=generator).tolist()} for n in LENGTHS]
+    for row in rows:
+        row["labels"] = [-100] * (len(row["input_ids"]) // 2) + row["input_ids"][len(row["input_ids"]) // 2 :]
+    batches = [PackedCollator(BUCKET)(rows[start:stop]) for start, stop in splits]
+    targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    for batch in batches:
+        batch.pop("real_tokens")
+        batch |= {k: v.cuda() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        batch["num_items_in_batch"] = torch.tensor(targets, device="cuda")
+    return batches
+
+
+def autocast():
+    return torch.autocast("cuda", torch.bfloat16)
+
+
+def eager_step(model, params, batches):
+    """The micro-batches' losses and summed gradients, eager, through `torch.autograd.grad` as the graphs take them
+    (`backward()` would leave the adapters' gradient-accumulation nodes bound to the default stream, and a capture
+    that meets them fails; Trainer runs no eager backward before the graphs)."""
+    losses, total = [], None
+    for batch in batches:
+        with autocast():
+            loss = model(**batch).loss
+        grads = torch.autograd.grad(loss, params)
+        total = list(grads) if total is None else [t + g for t, g in zip(total, grads, strict=True)]
+        losses.append(loss.detach())
+    return losses, total
+
+
+@pytest.mark.parametrize("checkpointing", [False, True, "offload"])
+def test_graphs_accumulate_the_eager_loss_and_gradients(tiny_qwen2, checkpointing):
+    model = graphed_model(tiny_qwen2, checkpointing)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = micro_batches([(0, 2), (2, 5), (5, 7)])
+    assert len({b["input_ids"].shape[1] for b in batches}) > 1  # more than one graph
+    eager_losses, eager_grads = eager_step(model, params, batches)
+    passes = GraphedPasses(model, params, autocast)
+    for _ in range(2):  # the second step replays, after the optimizer would have set the gradients to None
+        for param in params:
+            param.grad = None
+        losses = [passes(batch) for batch in batches]
+        assert passes.captured == 3
+        for graphed, eager in zip(losses, eager_losses, strict=True):
+            torch.testing.assert_close(graphed, eager, rtol=1e-3, atol=1e-5)
+        for param, grad, buffer in zip(params, eager_grads, passes.gradients, strict=True):
+            assert param.grad is buffer and grad.abs().sum() > 0
+            torch.testing.assert_close(param.grad, grad, rtol=1e-3, atol=1e-5)
+
+
+def test_gradients_written_outside_the_graphs_stop_the_run(tiny_qwen2):
+    model = graphed_model(tiny_qwen2, checkpointing=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    (batch,) = micro_batches([(0, 3)])
+    passes = GraphedPasses(model, params, autocast)
+    passes(batch)
+    params[0].grad = torch.zeros_like(params[0])
+    with pytest.raises(RuntimeError, match="outside the CUDA graphs"):
+        passes(batch)
