@@ -23,7 +23,8 @@ from lowtune.train.resolve import resolve_run
 LENGTHS = [37, 90, 12, 64, 200, 5, 71]
 
 
-def graphed_model(folder, checkpointing: bool | str):
+def graphed_models(folder, checkpointing: bool | str, count: int = 1):
+    """`count` copies of a tiny Qwen2 with the same LoRA weights, set up as a graphed run resolves it."""
     config = RunConfig.model_validate(
         {
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": list(PROJECTIONS)},
@@ -32,17 +33,25 @@ def graphed_model(folder, checkpointing: bool | str):
     )
     resolved = resolve_run(config, machine.this_machine(), read_model_config(folder), LENGTHS, "qwen")
     assert resolved.cuda_graphs and resolved.loss == "masked"
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": "cuda"})
-    torch.manual_seed(0)
-    model = attach_lora(model, config.lora, resolved.lora_targets, resolved.checkpointing)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            parameter.data.normal_()
-    set_attention(model.get_base_model(), resolved.attention)
-    install_hidden_state_loss(model.get_base_model(), resolved.loss)
-    apply_kernels(model, resolved)
-    model.train()
-    return model
+    # All built before liger's kernels are applied: liger also swaps the modeling module's classes for models
+    # built later, which would make the copies differ.
+    bases = [
+        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": "cuda"})
+        for _ in range(count)
+    ]
+    models = []
+    for base in bases:
+        torch.manual_seed(0)
+        model = attach_lora(base, config.lora, resolved.lora_targets, resolved.checkpointing)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.data.normal_()
+        set_attention(model.get_base_model(), resolved.attention)
+        install_hidden_state_loss(model.get_base_model(), resolved.loss)
+        apply_kernels(model, resolved)
+        model.train()
+        models.append(model)
+    return models
 
 
 def micro_batches(splits):
@@ -65,9 +74,8 @@ def autocast():
 
 
 def eager_step(model, params, batches):
-    """The micro-batches' losses and summed gradients, eager, through `torch.autograd.grad` as the graphs take them
-    (`backward()` would leave the adapters' gradient-accumulation nodes bound to the default stream, and a capture
-    that meets them fails; Trainer runs no eager backward before the graphs)."""
+    """The micro-batches' losses and summed gradients, eager (on a model of its own: a capture fails on adapters
+    whose gradient nodes an eager pass bound to the default stream; Trainer runs no eager pass before the graphs)."""
     losses, total = [], None
     for batch in batches:
         with autocast():
@@ -79,18 +87,19 @@ def eager_step(model, params, batches):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True, "offload"])
-def test_graphs_accumulate_the_eager_loss_and_gradients(tiny_qwen2, checkpointing):
-    model = graphed_model(tiny_qwen2, checkpointing)
-    params = [p for p in model.parameters() if p.requires_grad]
+def test_graphs_accumulate_the_eager_loss_and_gradients(tiny_qwen2, qwen2_modeling_restored, checkpointing):
     batches = micro_batches([(0, 2), (2, 5), (5, 7)])
-    assert len({b["input_ids"].shape[1] for b in batches}) > 1  # more than one graph
-    eager_losses, eager_grads = eager_step(model, params, batches)
+    shapes = len({b["input_ids"].shape[1] for b in batches})
+    assert shapes == 2  # 128, 384 and 128 tokens: the third replays the first one's graph
+    reference, model = graphed_models(tiny_qwen2, checkpointing, 2)  # the eager pass runs on a model of its own
+    eager_losses, eager_grads = eager_step(reference, [p for p in reference.parameters() if p.requires_grad], batches)
+    params = [p for p in model.parameters() if p.requires_grad]
     passes = GraphedPasses(model, params, autocast)
     for _ in range(2):  # the second step replays, after the optimizer would have set the gradients to None
         for param in params:
             param.grad = None
         losses = [passes(batch) for batch in batches]
-        assert passes.captured == 3
+        assert passes.captured == shapes
         for graphed, eager in zip(losses, eager_losses, strict=True):
             torch.testing.assert_close(graphed, eager, rtol=1e-3, atol=1e-5)
         for param, grad, buffer in zip(params, eager_grads, passes.gradients, strict=True):
@@ -98,8 +107,8 @@ def test_graphs_accumulate_the_eager_loss_and_gradients(tiny_qwen2, checkpointin
             torch.testing.assert_close(param.grad, grad, rtol=1e-3, atol=1e-5)
 
 
-def test_gradients_written_outside_the_graphs_stop_the_run(tiny_qwen2):
-    model = graphed_model(tiny_qwen2, checkpointing=False)
+def test_gradients_written_outside_the_graphs_stop_the_run(tiny_qwen2, qwen2_modeling_restored):
+    (model,) = graphed_models(tiny_qwen2, checkpointing=False)
     params = [p for p in model.parameters() if p.requires_grad]
     (batch,) = micro_batches([(0, 3)])
     passes = GraphedPasses(model, params, autocast)
