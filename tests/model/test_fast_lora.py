@@ -46,7 +46,7 @@ def test_lora_group_gradients_equal_autograd(dropout, kernels):
         ]
     scales = [0.5, 2.0, 1.5]
     torch.manual_seed(1)
-    fused = LoRAGroup.apply(x, dropout, True, GroupKernels(**KERNELS[kernels]), bases, scales, *lora)
+    fused = LoRAGroup.apply(x, dropout, True, GroupKernels(**KERNELS[kernels]), bases, scales, None, *lora)
     torch.manual_seed(1)
     keep = (torch.native_dropout(torch.ones_like(x), dropout, True)[1], dropout) if dropout > 0 else None
     reference = reference_group(x, keep, [b.weight for b in bases], [b.bias for b in bases], scales, lora)
@@ -58,6 +58,37 @@ def test_lora_group_gradients_equal_autograd(dropout, kernels):
         torch.testing.assert_close(y_fused, y_reference, **tolerance)
     for g_fused, g_reference in zip(grads_fused, grads_reference, strict=True):
         torch.testing.assert_close(g_fused, g_reference, **tolerance)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_an_input_made_again_in_the_backward_gives_the_same_gradients_and_is_not_kept(dropout):
+    torch.manual_seed(0)
+    gate, up = (torch.randn(13, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    base = torch.nn.Linear(7, 5, dtype=torch.float64).requires_grad_(False)
+    lora = [torch.randn(2, 7, dtype=torch.float64, requires_grad=True)]
+    lora.append(torch.randn(5, 2, dtype=torch.float64, requires_grad=True))
+
+    def swiglu(g, u):
+        return torch.nn.functional.silu(g) * u
+
+    results, kept = [], []
+    for remake in (None, swiglu):
+        saved = []
+        torch.manual_seed(1)  # the same dropout mask
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+            x = swiglu(gate, up)
+            inputs = (gate, up) if remake else ()
+            (y,) = LoRAGroup.apply(x, dropout, True, GroupKernels(), [base], [2.0], remake, *lora, *inputs)
+        upstream = torch.ones_like(y)
+        results.append((y, torch.autograd.grad(y, [gate, up, *lora], upstream)))
+        rows = {t.untyped_storage().data_ptr(): t.numel() for t in saved if t.shape == x.shape}  # distinct memory
+        kept.append(sum(rows.values()))
+    (y_kept, grads_kept), (y_made, grads_made) = results
+    torch.testing.assert_close(y_made, y_kept, rtol=0, atol=0)
+    for made, grad in zip(grads_made, grads_kept, strict=True):
+        torch.testing.assert_close(made, grad, rtol=0, atol=0)
+    # SwiGLU keeps gate and up either way; the group kept x (or its dropped copy) on top of them, and now does not.
+    assert kept[0] - kept[1] == x.numel()
 
 
 def lora_model(folder, quantization=None, dropout=0.0):
@@ -156,7 +187,7 @@ def test_lora_group_saves_what_the_memory_plan_counts(dropout):
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        LoRAGroup.apply(x, dropout, True, GroupKernels(), bases, [2.0, 2.0], *lora)
+        LoRAGroup.apply(x, dropout, True, GroupKernels(), bases, [2.0, 2.0], None, *lora)
     per_token_rows = [t for t in saved if t.shape == (tokens, features)]  # the (N, in) tensors, not weights or A x
     per_token_bytes = sum(t.element_size() for t in per_token_rows) * features
     assert per_token_bytes == (3 if dropout else 2) * features  # the input as well would make it 5 with dropout

@@ -18,7 +18,7 @@ one matrix, so a group is one product each way, optionally through oneDNN.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -130,9 +130,14 @@ class LoRAGroup(torch.autograd.Function):
         kernels: GroupKernels,
         bases: Sequence[nn.Module],
         scales: Sequence[float],
-        *lora: torch.Tensor,
+        remake: Callable[..., torch.Tensor] | None,
+        *tensors: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
+        """tensors: the LoRA weights (A, B per base), then, with `remake`, the tensors x is made of: the backward
+        pass makes x again as `remake(*those)` instead of keeping it (down's input, the SwiGLU of gate and up, which
+        SwiGLU's own backward keeps anyway: 2 bytes x intermediate a token and layer less)."""
         dtype = x.dtype
+        lora, sources = tensors[: 2 * len(bases)], tensors[2 * len(bases) :]
         a_weights, b_weights = lora[0::2], lora[1::2]  # (r, in) each; (out, r) each
         a_all = torch.cat([a.to(dtype) for a in a_weights])  # (sum r, in)
         keep = None
@@ -146,15 +151,21 @@ class LoRAGroup(torch.autograd.Function):
             rank = b_weight.shape[1]
             y.addmm_(a[:, start : start + rank], b_weight.to(dtype).T, alpha=scale)  # in place: no copy of y
             start += rank
-        ctx.kernels, ctx.bases, ctx.scales, ctx.dropout = kernels, bases, scales, dropout
-        ctx.save_for_backward(x_lora, keep, a, a_all, *b_weights)
+        ctx.kernels, ctx.bases, ctx.scales, ctx.dropout, ctx.remake = kernels, bases, scales, dropout, remake
+        ctx.sources = len(sources)
+        ctx.save_for_backward(None if remake else x_lora, keep, a, a_all, *b_weights, *sources)
         ctx.lora_dtypes = [t.dtype for t in lora]
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_lora, keep, a, a_all, *b_weights = ctx.saved_tensors
+        x_lora, keep, a, a_all, *rest = ctx.saved_tensors
+        b_weights, sources = rest[: len(rest) - ctx.sources], rest[len(rest) - ctx.sources :]
         dtype, kernels = a.dtype, ctx.kernels
+        if ctx.remake is not None:  # x again, then its dropout from the kept mask: what the forward multiplied
+            x_lora = ctx.remake(*sources).reshape(a.shape[0], -1)
+            if keep is not None:
+                x_lora = x_lora.mul_(keep).mul_(1 / (1 - ctx.dropout))
         grads = [grad.to(dtype) for grad in grad_outputs]
         grad_a = torch.empty_like(a)
         grad_bs, start = [], 0
@@ -176,11 +187,17 @@ class LoRAGroup(torch.autograd.Function):
             lora_grads += [grad_a_all[start : start + rank], grad_b]
             start += rank
         lora_grads = [g.to(d) for g, d in zip(lora_grads, ctx.lora_dtypes, strict=True)]
-        return (grad_x, None, None, None, None, None, *lora_grads)
+        return (grad_x, None, None, None, None, None, None, *lora_grads, *[None] * ctx.sources)
 
 
-def lora_group(x: torch.Tensor, modules: Sequence[nn.Module], kernels: GroupKernels) -> tuple[torch.Tensor, ...]:
-    """Applies peft LoRA modules that share their input `x` (..., in) through one `LoRAGroup`."""
+def lora_group(
+    x: torch.Tensor,
+    modules: Sequence[nn.Module],
+    kernels: GroupKernels,
+    remake: tuple[Callable[..., torch.Tensor], Sequence[torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Applies peft LoRA modules that share their input `x` (..., in) through one `LoRAGroup`; `remake` (a function
+    and the tensors it takes) makes `x` again in the backward pass instead of keeping it."""
     parts = [internals.plain_lora_parts(module) for module in modules]
     if any(part is None for part in parts):
         raise RuntimeError("fused LoRA reached a layer that is not one plain peft LoRA adapter")  # fuse_lora checks
@@ -196,13 +213,24 @@ def lora_group(x: torch.Tensor, modules: Sequence[nn.Module], kernels: GroupKern
             kernels,
             [part.base for part in parts],
             [part.scale for part in parts],
+            remake[0] if remake else None,
             *lora,
+            *(remake[1] if remake else ()),
         )
     return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, liger: bool) -> torch.Tensor:
     return internals.liger_swiglu()(gate, up) if liger else F.silu(gate) * up
+
+
+def fused_swiglu_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, kernels: GroupKernels):
+    """down(silu(gate(x)) * up(x)): gate and up in one group; down's input is made again from gate and up in the
+    backward pass, not kept."""
+    gate_out, up_out = lora_group(x, [gate, up], kernels)
+    activation = partial(swiglu, liger=kernels.liger_swiglu)
+    (output,) = lora_group(activation(gate_out, up_out), [down], kernels, remake=(activation, (gate_out, up_out)))
+    return output
 
 
 def fuse_lora(model: nn.Module, family: Any, kernels: GroupKernels) -> int:

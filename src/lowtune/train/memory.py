@@ -135,18 +135,20 @@ def saved_bytes_per_token(shape: Shape, dropout: float, fused: bool) -> float:
     Kept either way: the two norms' inputs, q/k/v after rotary and the attention output (for flash attention's
     backward), gate/up (for SwiGLU's backward), and with Qwen3's head norms the query and key before them. The LoRA
     A products need their inputs: fused, the q/k/v group shares one normed input, gate/up another, o reads the
-    attention output it already has and down the SwiGLU output; peft keeps those per projection, plus a clone of
-    every output. Dropout adds a dropped copy (2 bytes) and a mask (1 byte) per LoRA input, once per group fused, per
-    projection with peft; fused, the dropped copy is all the A product keeps (the group's input itself is not saved).
+    attention output it already has, and down makes the SwiGLU output again from gate and up; peft keeps those per
+    projection, plus a clone of every output. Dropout adds a dropped copy (2 bytes) and a mask (1 byte) per LoRA
+    input, once per group fused, per projection with peft; fused, the dropped copy is all the A product keeps (the
+    group's input itself is not saved), and down keeps only the mask.
     """
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_width, shape.kv_width
     kept = BF16 * (2 * h + (q + 2 * kv) + q + 2 * i)  # norm inputs, q/k/v, attention output, gate and up
     if shape.qk_norm:
         kept += BF16 * (q + kv)  # the head norms' inputs
-    group_inputs = {"qkv": h, "o": 0, "gate_up": h, "down": i}  # o's input is the attention output, kept above
+    # o's input is the attention output, kept above; down's is made again from gate and up in the backward pass
+    group_inputs = {"qkv": h, "o": 0, "gate_up": h, "down": 0}
     if fused and dropout:
         lora_inputs = 0  # the dropped copies below stand in for the group inputs
-        dropout_copies = 3 * (2 * h + q + i)  # each group's input dropped once (o included)
+        dropout_copies = 3 * (2 * h + q) + i  # each group's input dropped once (o included); down keeps its mask only
     elif fused:
         lora_inputs = BF16 * sum(group_inputs.values())
         dropout_copies = 0

@@ -14,7 +14,7 @@ from torch import nn
 
 from lowtune import internals
 from lowtune.model.arch import Family
-from lowtune.model.fast_lora import GroupKernels, lora_group, swiglu
+from lowtune.model.fast_lora import GroupKernels, fused_swiglu_mlp, lora_group
 
 
 def fused_attention_forward(
@@ -69,9 +69,7 @@ def attention(
 
 def fused_mlp_forward(self: nn.Module, kernels: GroupKernels, x: torch.Tensor) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)), gate and up in one group."""
-    gate, up = lora_group(x, [self.gate_proj, self.up_proj], kernels)
-    (down,) = lora_group(swiglu(gate, up, kernels.liger_swiglu), [self.down_proj], kernels)
-    return down
+    return fused_swiglu_mlp(x, self.gate_proj, self.up_proj, self.down_proj, kernels)
 
 
 FAMILY = Family(
