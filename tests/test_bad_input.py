@@ -121,3 +121,11 @@ def test_unknown_lora_target(tmp_path, tiny_qwen2, monkeypatch, capsys):
         monkeypatch, capsys, tmp_path, tiny_qwen2, data, "--set", "lora.target_modules=[q_proj, nope]"
     )
     assert code == 2 and "no linear layer named nope" in err and "q_proj" in err and "fix:" in err
+
+
+def test_a_gguf_type_the_gguf_package_cannot_write(tmp_path, tiny_qwen2, monkeypatch, capsys):
+    out = tmp_path / "model.gguf"
+    code, err = run_cli(
+        monkeypatch, capsys, "export", "gguf", "--model", str(tiny_qwen2), "--out", str(out), "--type", "q4_k_m"
+    )
+    assert_clean_refusal(code, err, out, "cannot write K-quants", "llama-quantize")

@@ -27,6 +27,8 @@ convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints into s
 app.add_typer(convert_app, name="convert")
 data_app = typer.Typer(no_args_is_help=True, help="Look at training data before training on it.")
 app.add_typer(data_app, name="data")
+export_app = typer.Typer(no_args_is_help=True, help="Write a run's model for other runtimes (llama.cpp, Ollama).")
+app.add_typer(export_app, name="export")
 err_console = Console(stderr=True)
 INTERRUPTED = 130
 
@@ -257,6 +259,26 @@ def merge(
 
     merge_adapter(adapter, out, dtype=dtype, model_path=model, overwrite=overwrite)
     err_console.print(f"[green]Merged {adapter} -> {out}[/]. Serve it: lowtune serve --model {out}")
+
+
+@export_app.command("gguf")
+def export_gguf(
+    out: Annotated[Path, typer.Option("--out", help="The .gguf file to write.")],
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="A lowtune run folder (or a checkpoint).")] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="A model folder instead (e.g. lowtune merge's).")
+    ] = None,
+    gguf_type: Annotated[
+        str, typer.Option("--type", help="f16, bf16, f32, q8_0, q5_1, q5_0, q4_1 or q4_0 (K-quants: see the error).")
+    ] = "f16",
+    base: Annotated[str | None, typer.Option("--base", help="The run's base model folder, if it moved.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+) -> None:
+    """One GGUF file (weights, tokenizer, the run's chat template and stop token) for llama.cpp and Ollama."""
+    from lowtune.export.gguf import export_gguf as write
+
+    written = write(out, gguf_type, adapter=adapter, model=model, model_path=base, overwrite=overwrite)
+    err_console.print(f"[green]Wrote {written}[/]. Run it: llama-cli -m {written} -cnv")
 
 
 @app.command()

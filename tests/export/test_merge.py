@@ -14,16 +14,9 @@ from lowtune.data.read import Message
 from lowtune.data.templates import FORMATS
 from lowtune.errors import UserError
 from lowtune.export.merge import chat_template, merge_adapter
-from lowtune.infer.session import ChatModel, GenerationSettings
+from lowtune.infer.session import ChatModel
 from tests.conftest import MEMORISE, tiny_config, write_jsonl
-
-PROMPTS = [record["instruction"] for record in MEMORISE] + ["你好", "What is the capital of France?"]
-GREEDY = GenerationSettings(max_new_tokens=20)
-
-
-@pytest.fixture(scope="module")
-def adapter_model(tiny_run) -> ChatModel:
-    return ChatModel.from_adapter(tiny_run)
+from tests.export.conftest import GREEDY, PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -67,8 +67,20 @@ def merge_adapter(
     problems = _dtype_problems(dtype) + _out_dir_problems(out, overwrite, protected)
     if problems:
         raise UserError(problems)
-    if settings.quantization != "none":
-        _explain_full_precision_merge(settings.quantization, dtype)
+    chat_model = merged_chat_model(adapter_dir, dtype, model_path)
+    model = chat_model.model
+    _set_generation_stops(model, chat_model)
+    chat_model.tokenizer.chat_template = chat_template(chat_model.chat_format)
+    _write_replacing(out, lambda folder: _save(model, chat_model, folder, max_shard_size))
+    log.info("Merged %s into %s (%s): loads with AutoModelForCausalLM.from_pretrained", adapter_dir, out, dtype)
+    return out
+
+
+def merged_chat_model(adapter_dir: Path, dtype: str, model_path: str | None = None) -> ChatModel:
+    """The adapter merged into its full-precision base, in memory, with the run's tokenizer and chat format."""
+    quantization = base_model_settings(adapter_dir).quantization
+    if quantization != "none":
+        _explain_full_precision_merge(quantization, dtype)
     chat_model = ChatModel.from_adapter(
         adapter_dir,
         model_path,
@@ -78,12 +90,7 @@ def merge_adapter(
         double_quant=None,
         compute_dtype=None,
     )
-    model = chat_model.model.merge_and_unload()
-    _set_generation_stops(model, chat_model)
-    chat_model.tokenizer.chat_template = chat_template(chat_model.chat_format)
-    _write_replacing(out, lambda folder: _save(model, chat_model, folder, max_shard_size))
-    log.info("Merged %s into %s (%s): loads with AutoModelForCausalLM.from_pretrained", adapter_dir, out, dtype)
-    return out
+    return ChatModel(chat_model.model.merge_and_unload(), chat_model.tokenizer, chat_model.chat_format)
 
 
 def chat_template(chat_format: ChatFormat) -> str:
