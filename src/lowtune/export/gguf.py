@@ -134,7 +134,7 @@ def write_gguf(
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise UserError.one(f"{name}: no llama.cpp tensor for this weight of a {config.model_type} model")
-        data = _llama_cpp_layout(name, tensor.detach().to(torch.float32).numpy(), config, arch)
+        data = _llama_cpp_layout(name, tensor.detach().to("cpu", torch.float32).numpy(), config, arch)
         stored = _stored_type(data, tensor_type)
         writer.add_tensor(gguf_name, _encoded(data, stored), raw_dtype=stored)
     writer.write_header_to_file()
