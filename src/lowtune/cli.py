@@ -27,7 +27,7 @@ convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints into s
 app.add_typer(convert_app, name="convert")
 data_app = typer.Typer(no_args_is_help=True, help="Look at training data before training on it.")
 app.add_typer(data_app, name="data")
-export_app = typer.Typer(no_args_is_help=True, help="Write a run's model for other runtimes (llama.cpp, Ollama).")
+export_app = typer.Typer(no_args_is_help=True, help="Write a run's model for other runtimes (llama.cpp, vLLM).")
 app.add_typer(export_app, name="export")
 err_console = Console(stderr=True)
 INTERRUPTED = 130
@@ -279,6 +279,23 @@ def export_gguf(
 
     written = write(out, gguf_type, adapter=adapter, model=model, model_path=base, overwrite=overwrite)
     err_console.print(f"[green]Wrote {written}[/]. Run it: llama-cli -m {written} -cnv")
+
+
+@export_app.command("vllm")
+def export_vllm(
+    adapter: AdapterOption,
+    out: Annotated[Path, typer.Option("--out", help="New folder for the adapter vLLM serves.")],
+    name: Annotated[
+        str | None, typer.Option("--name", help="The adapter's name in requests (default: the run's).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty --out folder.")] = False,
+) -> None:
+    """An adapter folder that vLLM's LoRA loader takes (its rules checked first), and the command that serves it."""
+    from lowtune.export.vllm import export_vllm as write
+
+    command = write(adapter, out, name=name, overwrite=overwrite)
+    err_console.print(f"[green]Wrote {out}[/]. Serve it with vLLM:")
+    print(command)
 
 
 @app.command()
