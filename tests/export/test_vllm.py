@@ -81,3 +81,8 @@ def test_a_rank_above_vllm_s_default_gets_the_smallest_max_lora_rank_that_holds_
 
     words = shlex.split(serve_command(tiny_run, tmp_path, "a", rank=40))
     assert words[words.index("--max-lora-rank") + 1] == "64"
+
+
+def test_a_folder_that_is_not_a_run_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(UserError, match="adapter folder not found"):
+        export_vllm(tmp_path / "nowhere", tmp_path / "out")

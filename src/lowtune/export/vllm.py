@@ -62,13 +62,13 @@ def export_vllm(adapter: str | Path, out: str | Path, name: str | None = None, o
     render another format, and Qwen-1 ships none).
     """
     adapter, out = Path(adapter), Path(out)
+    settings = base_model_settings(adapter)  # first: a folder that is not a run stops here, with the reason
     config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     problems = vllm_problems(config)
     if out.exists() and any(out.iterdir()) and not overwrite:
         problems.append(Problem("the output folder is not empty", out, fix="choose another --out, or pass --overwrite"))
     if problems:
         raise UserError(problems)
-    settings = base_model_settings(adapter)
     base = resolve_model_path(settings.path)
     tokenizer = read_tokenizer(adapter)
     chat_format = load_chat_format(adapter, tokenizer)
