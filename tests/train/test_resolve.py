@@ -13,12 +13,14 @@ from transformers import Qwen2Config
 
 from lowtune.bench.model import QWEN_7B_SHAPE
 from lowtune.config import RunConfig
+from lowtune.data.pack import padded_length
 from lowtune.errors import UserError
 from lowtune.machine import Cpu, Gpu, Machine, read_cpu
 from lowtune.model.arch import PROJECTIONS, llama
 from lowtune.model.checkpointing import Checkpointing
+from lowtune.train.graphs import BUCKET
 from lowtune.train.memory import GIB, RunShape
-from lowtune.train.resolve import padded_to_bucket, resolve_loading, resolve_run
+from lowtune.train.resolve import resolve_loading, resolve_run
 
 QWEN_7B = Qwen2Config(**QWEN_7B_SHAPE).to_dict()
 LENGTHS = [200] * 400  # records of 200 tokens: 81 of them to a batch of 16k
@@ -314,7 +316,7 @@ def test_small_steps_replay_from_cuda_graphs_unmerged_with_the_masked_loss_and_p
     assert graphed.cuda_graphs and graphed.loss == "masked"
     assert "fused_linear_cross_entropy" not in graphed.liger  # liger's loss counts the labels on the host
     assert graphed.batching.merged == 1 and "CUDA graphs replay" in graphed.reasons["merge_micro_batches"]
-    assert graphed.batching.largest == padded_to_bucket(8 * 200) == 1664  # the plan counts the padding
+    assert graphed.batching.largest == padded_length(8 * 200, BUCKET) == 1664  # the plan counts the padding
     assert "bound by the host" in graphed.reasons["cuda_graphs"]
     large = merging("auto", cuda_graphs="auto", batch_size=None, tokens_per_batch=16384)
     assert not large.cuda_graphs and "keep the GPU busy" in large.reasons["cuda_graphs"]

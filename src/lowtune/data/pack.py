@@ -35,6 +35,11 @@ class PaddedCollator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def padded_length(tokens: int, bucket: int) -> int:
+    """A packed row's length once padded up to a multiple of `bucket` tokens."""
+    return -(-tokens // bucket) * bucket
+
+
 class PackedCollator:
     """Concatenates the batch into one row of real tokens only (no padding).
 
@@ -49,8 +54,8 @@ class PackedCollator:
     def shape(self, lengths: Sequence[int]) -> tuple[int, int]:
         """(tokens, record slots) of the padded row of records of these lengths (with `bucket` only)."""
         assert self.bucket is not None
-        tokens = -(-sum(lengths) // self.bucket) * self.bucket
-        return tokens, 1 << len(lengths).bit_length()  # a power of two above the count: room for the padding record
+        records = 1 << len(lengths).bit_length()  # a power of two above the count: room for the padding record
+        return padded_length(sum(lengths), self.bucket), records
 
     def __call__(self, rows: Sequence[Row]) -> dict[str, torch.Tensor | int]:
         lengths = [len(row["input_ids"]) for row in rows]

@@ -137,10 +137,6 @@ class HostBuffers:
         """A copy died."""
         self.alive -= 1
 
-    @property
-    def nbytes(self) -> int:
-        return sum(chunk.numel() for chunk in self.chunks)
-
 
 class ActivationOffloader:
     """Saved-tensor hooks that keep the tensors saved on `device` in host memory until the backward pass.

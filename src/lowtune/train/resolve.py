@@ -24,6 +24,7 @@ import yaml
 from rich.table import Table
 
 from lowtune.config import ModelSettings, RunConfig
+from lowtune.data.pack import padded_length
 from lowtune.errors import Problem, UserError
 from lowtune.machine import Machine
 from lowtune.model import arch
@@ -341,7 +342,8 @@ def resolve_run(
     else:
         batching = _merge(train, batching, lengths, machine, on_gpu, run_shape, decisions)
     if graphs:
-        batching = replace(batching, largest=padded_to_bucket(batching.largest))  # the plan counts the padding
+        # the plan counts the padding
+        batching = replace(batching, largest=padded_length(batching.largest, GRAPH_BUCKET))
     if run_shape is not None:
         run_shape = replace(run_shape, tokens=batching.largest)
     checkpointing, plan = _checkpointing(train.gradient_checkpointing, machine, on_gpu, run_shape, decisions)
@@ -442,11 +444,6 @@ def _loss(head_trains: bool, liger: tuple[str, ...], graphs: bool, decisions: _D
         return "liger"
     decisions.why("loss", "chunked linear cross-entropy from hidden states: only labelled positions, a chunk at a time")
     return "chunked"
-
-
-def padded_to_bucket(tokens: int) -> int:
-    """A packed row's length once padded for CUDA graphs."""
-    return -(-tokens // GRAPH_BUCKET) * GRAPH_BUCKET
 
 
 def _cuda_graphs(

@@ -118,10 +118,7 @@ class LowtuneTrainer(Trainer):
         if not self.cuda_graphs:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
-        inputs = self._prepare_inputs(inputs)
-        if num_items_in_batch is None:
-            num_items_in_batch = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
-        inputs["num_items_in_batch"] = torch.as_tensor(num_items_in_batch, device=self.args.device)
+        inputs = self._graph_inputs(inputs, num_items_in_batch)
         if self._graphed is None:
             params = [p for p in model.parameters() if p.requires_grad]
             self._graphed = GraphedPasses(model, params, self.compute_loss_context_manager)
@@ -139,10 +136,17 @@ class LowtuneTrainer(Trainer):
         rows = ", ".join(f"{tokens} x {records}" for tokens, records in sorted(shapes))
         log.info("CUDA graphs: capturing this epoch's %d row shapes (tokens x record slots: %s)", len(shapes), rows)
         for indices in shapes.values():
-            batch = self._prepare_inputs(self.row_collator([self.train_dataset[i] for i in indices]))
-            batch.pop("real_tokens")
-            batch["num_items_in_batch"] = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-            self._graphed.capture(batch)
+            self._graphed.capture(self._graph_inputs(self.row_collator([self.train_dataset[i] for i in indices])))
+
+    def _graph_inputs(self, batch: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None) -> dict:
+        """A collated batch on the device as the graphs take it: the step's target count a tensor there too (this
+        batch's own when Trainer gives none)."""
+        batch = self._prepare_inputs(batch)
+        batch.pop("real_tokens", None)
+        if num_items_in_batch is None:
+            num_items_in_batch = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        batch["num_items_in_batch"] = torch.as_tensor(num_items_in_batch, device=self.args.device)
+        return batch
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         """Atomic checkpoints: written under .tmp-checkpoint-N, completed with the run's own files (config, chat
