@@ -163,22 +163,41 @@ def bench(
             "lowtune train picks on this GPU), offload (Unsloth's own memory policy), true or false.",
         ),
     ] = "auto",
+    dropout: Annotated[
+        float, typer.Option("--dropout", help="LoRA dropout: tutorial, lowtune (Unsloth: 0).", min=0, max=1)
+    ] = 0.1,
+    peer_checkpointing: Annotated[
+        str, typer.Option("--peer-checkpointing", help="Unsloth's checkpointing: offload (its own) or false.")
+    ] = "offload",
 ) -> None:
     """Race the tutorial's recipe and lowtune's (and a peer's) on a Qwen-7B-shaped model, on this GPU."""
-    from lowtune.bench.run import CHECKPOINTING_SETTINGS, PEER, QUANTIZATIONS, Regime, run_bench
+    from lowtune.bench.run import (
+        CHECKPOINTING_SETTINGS,
+        PEER,
+        PEER_CHECKPOINTING_SETTINGS,
+        QUANTIZATIONS,
+        Regime,
+        run_bench,
+    )
 
     chosen, settings = _listed(modes), tuple(_listed(checkpointing))
     unknown = [mode for mode in chosen if mode not in QUANTIZATIONS]
     unknown_settings = [setting for setting in settings if setting not in CHECKPOINTING_SETTINGS]
-    if unknown or (peer not in (None, PEER)) or unknown_settings or not settings:
+    wrong_peer = peer not in (None, PEER) or peer_checkpointing not in PEER_CHECKPOINTING_SETTINGS
+    if unknown or wrong_peer or unknown_settings or not settings:
         raise UserError.one(
-            f"unknown --modes {unknown}, --peer {peer!r} or --checkpointing {checkpointing!r}",
-            fix=f"modes: 4bit, 8bit, none; peer: {PEER}; checkpointing: {', '.join(CHECKPOINTING_SETTINGS)}",
+            f"unknown --modes {unknown}, --peer {peer!r}, --checkpointing {checkpointing!r} or --peer-checkpointing "
+            f"{peer_checkpointing!r}",
+            fix=f"modes: 4bit, 8bit, none; peer: {PEER}; checkpointing: {', '.join(CHECKPOINTING_SETTINGS)}; "
+            f"peer checkpointing: {', '.join(PEER_CHECKPOINTING_SETTINGS)}",
         )
     regimes = [Regime.parse(text) for text in _listed(batch or "")]
     if tokens_per_batch or not regimes:
         regimes.insert(0, Regime(tokens=tokens_per_batch or 16384))
-    run_bench(chosen, regimes, steps, warmup, peer, layers, results, Console(width=170), profile, settings)
+    console = Console(width=170)
+    run_bench(
+        chosen, regimes, steps, warmup, peer, layers, results, console, profile, settings, dropout, peer_checkpointing
+    )
 
 
 def _listed(text: str) -> list[str]:

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from lowtune.bench.peer_unsloth import concatenated_rows
 from lowtune.bench.recipes import SEVEN_PROJECTIONS, lowtune_recipe, tutorial_recipe
-from lowtune.bench.run import Regime, _result_line, lowtune_name, results_table
+from lowtune.bench.run import Regime, _recipe_options, _result_line, lowtune_name, results_table
 from lowtune.data.encode import encode_records
 from lowtune.errors import UserError
 from tests.conftest import MEMORISE
@@ -59,6 +59,13 @@ def test_regimes_read_from_the_command_line():
     for bad in ("8x", "0x2", "eight", "-5"):
         with pytest.raises(UserError, match="cannot read the batch"):
             Regime.parse(bad)
+
+
+def test_each_recipe_gets_its_own_options():
+    assert _recipe_options("tutorial", 0.0, "false") == ["--dropout", "0.0"]
+    assert _recipe_options("lowtune offload", 0.0, "false") == ["--dropout", "0.0", "--checkpointing", "offload"]
+    assert _recipe_options("lowtune", 0.1, "offload")[-1] == "auto"
+    assert _recipe_options("unsloth", 0.1, "false") == ["--checkpointing", "false"]  # its dropout is always 0
 
 
 def test_result_lines_and_table():

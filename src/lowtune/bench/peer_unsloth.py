@@ -5,6 +5,7 @@ made of whole records laid end to end, `tokens_per_batch / 2048` rows per step, 
 records in a row see each other (Unsloth's own packing is not used because it is not available on every path), which
 favours it slightly against lowtune's exact per-record attention. With records x accumulation it trains as its
 notebooks do: `per_device_train_batch_size` records padded to the longest, `gradient_accumulation_steps` of them.
+Its LoRA dropout is 0: its fast path needs it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from lowtune.bench.recipes import (
 from lowtune.data.pack import PaddedCollator
 
 ROW_TOKENS = 2048
+PEER_CHECKPOINTING = {"offload": "unsloth", "false": False}  # the bench's name: Unsloth's setting
 
 
 def concatenated_rows(rows: Rows, length: int, seed: int = 0) -> Rows:
@@ -54,8 +56,13 @@ def unsloth_recipe(
     warmup: int,
     tokens_per_batch: int | None,
     batch: tuple[int, int] | None = None,
+    checkpointing: str = "offload",
 ) -> Measurement:
+    """Unsloth's training; `checkpointing` "offload" is its own `use_gradient_checkpointing="unsloth"`, "false" none."""
     from unsloth import FastLanguageModel
+
+    if checkpointing not in PEER_CHECKPOINTING:
+        raise ValueError(f"Unsloth's checkpointing is one of {PEER_CHECKPOINTING}, not {checkpointing!r}")
 
     folder = tempfile.mkdtemp()
     model = build_random_model(config, "none")
@@ -77,7 +84,7 @@ def unsloth_recipe(
         lora_dropout=0,
         target_modules=SEVEN_PROJECTIONS,
         bias="none",
-        use_gradient_checkpointing="unsloth",
+        use_gradient_checkpointing=PEER_CHECKPOINTING[checkpointing],
         random_state=0,
     )
     torch.cuda.reset_peak_memory_stats()

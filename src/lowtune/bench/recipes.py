@@ -37,6 +37,7 @@ Rows = list[dict[str, list[int]]]
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SAME_SAMPLES = 64  # records on which both recipes' losses are compared before training
 TUTORIAL_BATCH = (8, 2)  # records per micro-batch, accumulation: the tutorial's
+JOB_DROPOUT = 0.1  # the tutorial's lora_dropout
 LOGGING_STEPS = 2  # every recipe logs its loss every second step (the tutorial's 10 would log once in a short run)
 
 
@@ -182,10 +183,11 @@ def tutorial_recipe(
     steps: int,
     warmup: int,
     batch: tuple[int, int] = TUTORIAL_BATCH,
+    dropout: float = JOB_DROPOUT,
 ) -> Measurement:
     """The Qwen-7B-Chat tutorial, as written: Trainer, DataCollatorForSeq2Seq padding, `batch` records x
     accumulation (its own 8 x 2 unless the regime says otherwise), checkpointing with enable_input_require_grads,
-    LoRA r 8 / alpha 32 / dropout 0.1, lr 1e-4 (bf16 for fp16)."""
+    LoRA r 8 / alpha 32 / dropout 0.1 (unless `dropout` says otherwise), lr 1e-4 (bf16 for fp16)."""
     model.enable_input_require_grads()
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
@@ -193,7 +195,7 @@ def tutorial_recipe(
         inference_mode=False,
         r=8,
         lora_alpha=32,
-        lora_dropout=0.1,
+        lora_dropout=dropout,
     )
     model = get_peft_model(model, config)
     args = TrainingArguments(
@@ -229,6 +231,7 @@ def lowtune_recipe(
     profile: str | None = None,
     checkpointing: str = "auto",
     batch: tuple[int, int] | None = None,
+    dropout: float = JOB_DROPOUT,
 ) -> Measurement:
     """lowtune's own training of the same job: the same LoRA and learning rate, batches of `tokens_per_batch`
     tokens or `batch` records x accumulation, and whatever `lowtune train` picks on this machine (packing,
@@ -248,7 +251,7 @@ def lowtune_recipe(
         gradient_checkpointing=checkpointing,
     )
     config = RunConfig(
-        lora=LoraSettings(r=8, alpha=32, dropout=0.1, target_modules=SEVEN_PROJECTIONS),
+        lora=LoraSettings(r=8, alpha=32, dropout=dropout, target_modules=SEVEN_PROJECTIONS),
         train=train,
         output_dir=tempfile.mkdtemp(),
     )

@@ -27,6 +27,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from lowtune.bench.recipes import JOB_DROPOUT
 from lowtune.errors import UserError
 from lowtune.machine import this_machine
 from lowtune.train.allocator import EXPANDABLE_SEGMENTS
@@ -35,6 +36,7 @@ QUANTIZATIONS = ("4bit", "8bit", "none")
 CHECKPOINTING_SETTINGS = ("auto", "offload", "true", "false")  # lowtune's train.gradient_checkpointing
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "unsloth")
 PEER = "unsloth"
+PEER_CHECKPOINTING_SETTINGS = ("offload", "false")  # Unsloth's "unsloth" (offloaded) and none
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ def run_bench(
     console: Console,
     profile_dir: Path | None = None,
     checkpointing: tuple[str, ...] = ("auto",),
+    dropout: float = JOB_DROPOUT,
+    peer_checkpointing: str = "offload",
 ) -> list[dict[str, Any]]:
     if not torch.cuda.is_available():
         raise UserError.one("lowtune bench measures GPU training and needs a CUDA device")
@@ -89,11 +93,16 @@ def run_bench(
             measured = {}
             for recipe in recipes:
                 console.print(f"[bold]{regime.name}, {quantization}: {recipe}[/]")
-                profile = None
+                profile = []
                 if profile_dir and recipe.startswith("lowtune"):
-                    profile = profile_dir / f"profile-{quantization}-{recipe.replace(' ', '-')}.txt"
-                measured[recipe] = _measure(recipe, quantization, regime, steps, warmup, layers, console, profile)
-            lines.append(_result_line(quantization, regime, measured, steps, layers))
+                    profile = ["--profile", str(profile_dir / f"profile-{quantization}-{recipe.replace(' ', '-')}.txt")]
+                options = profile + _recipe_options(recipe, dropout, peer_checkpointing)
+                measured[recipe] = _measure(recipe, quantization, regime, steps, warmup, layers, console, options)
+            line = _result_line(quantization, regime, measured, steps, layers)
+            line["dropout"] = dropout
+            if peer:
+                line[f"{peer}_checkpointing"] = peer_checkpointing
+            lines.append(line)
     console.print(results_table(lines))
     if layers is None:  # cut-down models are for checking the bench, not for the record
         results.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +117,15 @@ def lowtune_name(checkpointing: str) -> str:
     return "lowtune" if checkpointing == "auto" else f"lowtune {checkpointing}"
 
 
+def _recipe_options(recipe: str, dropout: float, peer_checkpointing: str) -> list[str]:
+    """The worker's options that differ by recipe: Unsloth takes its checkpointing (its dropout is always 0)."""
+    if recipe == PEER:
+        return ["--checkpointing", peer_checkpointing]
+    if recipe.startswith("lowtune"):
+        return ["--dropout", str(dropout), "--checkpointing", recipe.removeprefix("lowtune").strip() or "auto"]
+    return ["--dropout", str(dropout)]
+
+
 def _measure(
     recipe: str,
     quantization: str,
@@ -116,15 +134,13 @@ def _measure(
     warmup: int,
     layers: int | None,
     console: Console,
-    profile: Path | None = None,
+    options: list[str],
 ) -> dict[str, Any] | None:
     ours = recipe.startswith("lowtune")
     worker = "lowtune" if ours else recipe
     command = [sys.executable, "-m", "lowtune.bench.worker", worker, quantization, "--steps", str(steps)]
-    command += ["--warmup", str(warmup), *regime.arguments()]
+    command += ["--warmup", str(warmup), *regime.arguments(), *options]
     command += ["--layers", str(layers)] if layers else []
-    command += ["--profile", str(profile)] if profile else []
-    command += ["--checkpointing", recipe.removeprefix("lowtune").strip() or "auto"] if ours else []
     environment = os.environ.copy()
     if ours:  # lowtune's own choice (see cli.main), not imposed on the other recipes
         environment.setdefault("PYTORCH_CUDA_ALLOC_CONF", EXPANDABLE_SEGMENTS)

@@ -15,7 +15,7 @@ import json
 import logging
 
 from lowtune.bench.model import build_random_model, qwen_7b_config
-from lowtune.bench.recipes import TUTORIAL_BATCH, lowtune_recipe, tutorial_recipe
+from lowtune.bench.recipes import JOB_DROPOUT, TUTORIAL_BATCH, lowtune_recipe, tutorial_recipe
 from lowtune.data.encode import encode_records
 from lowtune.data.read import read_records, resolve_data_path
 from lowtune.model.qwen_tokenizer import build_qwen_tokenizer
@@ -39,7 +39,10 @@ def main() -> None:
     parser.add_argument("--batch", default=None, help="records per micro-batch x accumulation, e.g. 8x2")
     parser.add_argument("--layers", type=int, default=None, help="fewer layers, for a quick check")
     parser.add_argument("--profile", default=None, help="write a torch.profiler table of two steps here")
-    parser.add_argument("--checkpointing", default="auto", help="lowtune's train.gradient_checkpointing")
+    parser.add_argument(
+        "--checkpointing", default=None, help="lowtune's train.gradient_checkpointing (auto), Unsloth's (offload)"
+    )
+    parser.add_argument("--dropout", type=float, default=JOB_DROPOUT, help="LoRA dropout (tutorial, lowtune)")
     args = parser.parse_args()
     batch = tuple(int(n) for n in args.batch.split("x")) if args.batch else None
     if (batch is None) == (args.tokens_per_batch is None):
@@ -52,13 +55,28 @@ def main() -> None:
         from lowtune.bench.peer_unsloth import unsloth_recipe
 
         result = unsloth_recipe(
-            config, tokenizer, rows, args.quantization, args.steps, args.warmup, args.tokens_per_batch, batch
+            config,
+            tokenizer,
+            rows,
+            args.quantization,
+            args.steps,
+            args.warmup,
+            args.tokens_per_batch,
+            batch,
+            args.checkpointing or "offload",
         )
     else:
         model = build_random_model(config, args.quantization)
         if args.recipe == "tutorial":
             result = tutorial_recipe(
-                model, tokenizer, rows, args.quantization, args.steps, args.warmup, batch or TUTORIAL_BATCH
+                model,
+                tokenizer,
+                rows,
+                args.quantization,
+                args.steps,
+                args.warmup,
+                batch or TUTORIAL_BATCH,
+                args.dropout,
             )
         else:
             result = lowtune_recipe(
@@ -70,8 +88,9 @@ def main() -> None:
                 args.warmup,
                 args.tokens_per_batch,
                 args.profile,
-                args.checkpointing,
+                args.checkpointing or "auto",
                 batch,
+                args.dropout,
             )
     print(json.dumps(result.to_dict()), flush=True)
 
