@@ -17,6 +17,7 @@ KERNELS = {
     "per use": dict(),
     "cached": dict(dequantize_once=True),
     "cached, oneDNN": dict(dequantize_once=True, onednn=True),
+    "down's input kept": dict(remake_down=False),
 }
 
 

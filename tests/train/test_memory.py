@@ -84,3 +84,11 @@ def test_qwen3_head_norms_and_wide_queries_are_counted():
     with_norms = run_shape(shape=shape).plan(Checkpointing("off")).activations
     without = run_shape(shape=llama.FAMILY.shape(raw)).plan(Checkpointing("off")).activations
     assert with_norms - without == 28 * 16384 * 2 * (2048 + 1024)  # every layer keeps q and k before their norms
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_keeping_down_input_costs_two_bytes_per_intermediate_feature_a_token_and_layer(dropout):
+    made_again = run_shape(dropout=dropout).plan(Checkpointing("off"))
+    kept = run_shape(dropout=dropout, remake_down=False).plan(Checkpointing("off"))
+    # bf16 input without dropout; with it, its dropped copy and mask (3 bytes) instead of the mask alone (1 byte)
+    assert kept.activations - made_again.activations == 2 * SHAPE.intermediate * 16384 * SHAPE.layers

@@ -236,10 +236,10 @@ def test_a_checkpointing_setting_other_than_auto_is_taken_as_it_is(setting, expe
     assert checkpointing(setting).checkpointing == Checkpointing(expected)  # every layer
 
 
-def planned_peak(tokens: int, mode: str, layers: int) -> float:
+def planned_peak(tokens: int, mode: str, layers: int | None, remake_down: bool = True) -> float:
     """The plan resolve makes for the run in `checkpointing`, with `layers` checkpointed."""
     shape = llama.FAMILY.shape(QWEN_7B)
-    run = RunShape(shape, "4bit", "bf16", True, 8, frozenset(PROJECTIONS), tokens, 0.05, True)
+    run = RunShape(shape, "4bit", "bf16", True, 8, frozenset(PROJECTIONS), tokens, 0.05, True, remake_down=remake_down)
     return run.plan(Checkpointing(mode, layers)).total
 
 
@@ -256,6 +256,18 @@ def test_auto_on_a_gpu_checkpoints_the_fewest_layers_that_fit():
     assert checkpointing("auto", gpu_gib=80).checkpointing.layers < 32 / 2  # an 80 GB GPU recomputes a few layers
     assert checkpointing("auto", gpu_gib=10).checkpointing == Checkpointing("offload")  # a small GPU needs every one
     assert "room in host memory 50.0 GiB" in checkpointing("auto", gpu_gib=80).reasons["gradient_checkpointing"]
+
+
+def test_down_input_is_kept_only_where_the_plan_fits():
+    roomy = checkpointing(False, gpu_gib=1000)
+    assert not roomy.remake_down and roomy.choices()["down_input"] == "kept"
+    assert roomy.plan.total == planned_peak(roomy.batching.largest, "off", None, remake_down=False)
+    assert "budget 900.0 GiB" in roomy.reasons["down_input"]
+    tight = checkpointing(False, gpu_gib=80)  # 7B at 16k without checkpointing: ~86 GiB kept, ~75 made again
+    assert tight.remake_down and tight.choices()["down_input"] == "made again in the backward pass"
+    assert "over the budget 72.0 GiB" in tight.reasons["down_input"]
+    assert checkpointing("offload", gpu_gib=1000).remake_down  # memory is what a checkpointed run is short of
+    assert resolve().remake_down  # the CPU: host memory is shared
 
 
 def test_on_the_cpu_auto_checkpointing_is_off():

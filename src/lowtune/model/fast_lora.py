@@ -55,11 +55,14 @@ class GroupKernels:
             whole run, instead of dequantizing them in every forward and backward pass.
         onednn: compute those cached products with oneDNN rather than torch's BLAS.
         liger_swiglu: liger-kernel's fused silu(gate) * up (CUDA).
+        remake_down: make down's input (the SwiGLU output) again in the backward pass instead of keeping it: 2 bytes
+            x intermediate a token and layer less, for ~3% of a step (bench/NOTES.md, change 13).
     """
 
     dequantize_once: bool = False
     onednn: bool = False
     liger_swiglu: bool = False
+    remake_down: bool = True
     _dense: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None, list[int]]] = field(
         default_factory=dict, repr=False
     )
@@ -225,11 +228,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, liger: bool) -> torch.Tensor:
 
 
 def fused_swiglu_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, kernels: GroupKernels):
-    """down(silu(gate(x)) * up(x)): gate and up in one group; down's input is made again from gate and up in the
-    backward pass, not kept."""
+    """down(silu(gate(x)) * up(x)): gate and up in one group; with `kernels.remake_down`, down's input is made again
+    from gate and up in the backward pass, not kept."""
     gate_out, up_out = lora_group(x, [gate, up], kernels)
     activation = partial(swiglu, liger=kernels.liger_swiglu)
-    (output,) = lora_group(activation(gate_out, up_out), [down], kernels, remake=(activation, (gate_out, up_out)))
+    remake = (activation, (gate_out, up_out)) if kernels.remake_down else None
+    (output,) = lora_group(activation(gate_out, up_out), [down], kernels, remake=remake)
     return output
 
 

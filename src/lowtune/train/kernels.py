@@ -23,7 +23,10 @@ def apply_kernels(model: PeftModel, resolved: Resolved) -> GroupKernels | None:
     if not resolved.fused_lora:
         return None
     kernels = GroupKernels(
-        dequantize_once=resolved.base_weights == "cached", onednn=resolved.onednn, liger_swiglu="swiglu" in parts
+        dequantize_once=resolved.base_weights == "cached",
+        onednn=resolved.onednn,
+        liger_swiglu="swiglu" in parts,
+        remake_down=resolved.remake_down,
     )
     layers = fuse_lora(model, arch.family_named(resolved.family), kernels)
     expected = model.get_base_model().config.num_hidden_layers

@@ -83,10 +83,11 @@ class RunShape:
     fused: bool
     loss: str = "liger"  # the loss kernel (train/loss.py): the chunked ones hold a chunk of logits
     dense_copy_bytes: int = 0  # the cached dense base weights (GroupKernels.dequantize_once)
+    remake_down: bool = True  # the fused MLP makes down's input again in the backward pass (GroupKernels)
 
     def plan(self, checkpointing: Checkpointing) -> MemoryPlan:
         shape, tokens = self.shape, self.tokens
-        layer_bytes = saved_bytes_per_token(shape, self.dropout, self.fused) * tokens
+        layer_bytes = saved_bytes_per_token(shape, self.dropout, self.fused, self.remake_down) * tokens
         # A layer's backward pass holds the gradients of the MLP's three intermediate-wide tensors (SwiGLU output,
         # gate, up) at once, on top of what the layers keep: with it the plan is within 0.5% of the peak measured on
         # a 7B shape at 16k tokens, with and without checkpointing (bench/NOTES.md).
@@ -129,26 +130,26 @@ def weight_bytes(shape: Shape, quantization: str, precision: str, double_quant: 
     )
 
 
-def saved_bytes_per_token(shape: Shape, dropout: float, fused: bool) -> float:
+def saved_bytes_per_token(shape: Shape, dropout: float, fused: bool, remake_down: bool = True) -> float:
     """Bytes autograd keeps for one decoder layer, per token (bf16 activations).
 
     Kept either way: the two norms' inputs, q/k/v after rotary and the attention output (for flash attention's
     backward), gate/up (for SwiGLU's backward), and with Qwen3's head norms the query and key before them. The LoRA
     A products need their inputs: fused, the q/k/v group shares one normed input, gate/up another, o reads the
-    attention output it already has, and down makes the SwiGLU output again from gate and up; peft keeps those per
-    projection, plus a clone of every output. Dropout adds a dropped copy (2 bytes) and a mask (1 byte) per LoRA
-    input, once per group fused, per projection with peft; fused, the dropped copy is all the A product keeps (the
-    group's input itself is not saved), and down keeps only the mask.
+    attention output it already has, and down keeps the SwiGLU output or, with `remake_down`, makes it again from
+    gate and up; peft keeps those per projection, plus a clone of every output. Dropout adds a dropped copy (2
+    bytes) and a mask (1 byte) per LoRA input, once per group fused, per projection with peft; fused, the dropped
+    copy is all the A product keeps (the group's input itself is not saved), and a remade down keeps only the mask.
     """
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_width, shape.kv_width
     kept = BF16 * (2 * h + (q + 2 * kv) + q + 2 * i)  # norm inputs, q/k/v, attention output, gate and up
     if shape.qk_norm:
         kept += BF16 * (q + kv)  # the head norms' inputs
-    # o's input is the attention output, kept above; down's is made again from gate and up in the backward pass
-    group_inputs = {"qkv": h, "o": 0, "gate_up": h, "down": 0}
+    down = 0 if remake_down else i
+    group_inputs = {"qkv": h, "o": 0, "gate_up": h, "down": down}  # o's input is the attention output, kept above
     if fused and dropout:
         lora_inputs = 0  # the dropped copies below stand in for the group inputs
-        dropout_copies = 3 * (2 * h + q) + i  # each group's input dropped once (o included); down keeps its mask only
+        dropout_copies = 3 * (2 * h + q + down) + (i if remake_down else 0)  # each group's input dropped once
     elif fused:
         lora_inputs = BF16 * sum(group_inputs.values())
         dropout_copies = 0

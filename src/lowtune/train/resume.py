@@ -34,7 +34,8 @@ MAY_CHANGE = {
     "train.eval_steps",
     "output_dir",
 }
-RESOLVED_MAY_CHANGE = {"length"}  # follows train.max_steps / train.epochs
+# length follows train.max_steps / train.epochs; down's input made again or kept gives the same gradients to the bit
+RESOLVED_MAY_CHANGE = {"length", "down_input"}
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
