@@ -101,10 +101,11 @@ def comparison_table(comparison: Comparison, limits: Limits, title: str) -> Tabl
 
 @torch.inference_mode()
 def _next_token_log_probs(chat_model: ChatModel, ids: list[int], count: int) -> torch.Tensor:
-    """(count, vocab) fp32 log-probabilities of the tokens after ids[-count-1:-1]: those that predicted the last
-    `count` tokens."""
+    """(count, vocab) log-probabilities of the tokens after ids[-count-1:-1] (those that predicted the last `count`
+    tokens), in fp64: in fp32 the rounding of log-softmax over a large vocabulary leaves a KL of ~1e-8 that can come
+    out negative."""
     model = chat_model.model
     tensor = torch.tensor([ids], device=model.device)
     # logits_to_keep: only these positions' vocabulary-sized logits are computed (the last one predicts past the end).
     logits = model(input_ids=tensor, logits_to_keep=count + 1).logits[0, :-1]
-    return logits.float().log_softmax(-1).cpu()
+    return logits.double().log_softmax(-1).cpu()
