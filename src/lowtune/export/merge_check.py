@@ -154,7 +154,7 @@ def _log(comparison: Comparison, against: str, source: str) -> None:
 
 
 def _fix(quantization: str, into: str) -> str:
-    instead = f"merge --into {OTHER_TARGET[into]} (and compare), or " if quantization != "none" else ""
+    instead = f"try --into {OTHER_TARGET[into]}, or " if quantization != "none" else ""
     return (
         f"{instead}check the adapter and the base model; --force writes it anyway, with these figures in "
         f"{REPORT_FILE_NAME} (--max-kl and --min-agreement set the limits)"
