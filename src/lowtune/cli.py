@@ -42,6 +42,16 @@ TopPOption = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mas
 RunDirOption = Annotated[Path | None, typer.Option("--adapter", help="A lowtune run folder (or a checkpoint).")]
 ModelDirOption = Annotated[Path | None, typer.Option("--model", help="A model folder instead (e.g. lowtune merge's).")]
 BaseOption = Annotated[str | None, typer.Option("--base", help="The run's base model folder, if it moved.")]
+IntoOption = Annotated[
+    str | None,
+    typer.Option(
+        "--into",
+        help="For an adapter trained on a 4-bit or 8-bit base: merge it into those quantized weights, dequantized "
+        "(dequantized, the default: the merged model computes what base + adapter computed in training), or into "
+        "the full-precision ones (original: without the rounding the adapter learned against). An error for an "
+        "unquantized base.",
+    ),
+]
 
 
 @app.command()
@@ -276,11 +286,36 @@ def merge(
     dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "bf16",
     model: ModelOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder.")] = False,
+    into: IntoOption = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts",
+            help="JSONL of prompts to compare on (strings or {prompt, system}); default: the run's held-out records, "
+            "else the last records of its data.",
+        ),
+    ] = None,
+    max_kl: Annotated[
+        float, typer.Option("--max-kl", help="Highest mean KL(base + adapter || merged) that passes, in nats.")
+    ] = 0.05,  # merge_check.DEFAULT_LIMITS (test_merge.py checks)
+    min_agreement: Annotated[
+        float, typer.Option("--min-agreement", help="Lowest share of next tokens picked alike that passes.")
+    ] = 0.9,
+    force: Annotated[bool, typer.Option("--force", help="Write the merge even if it crosses the limits.")] = False,
 ) -> None:
-    """Merge the adapter into its base model: one folder that transformers, vLLM and lowtune serve load."""
-    from lowtune.export.merge import merge_adapter
+    """Merge the adapter into its base model: one folder that transformers, vLLM and lowtune serve load.
 
-    merge_adapter(adapter, out, dtype=dtype, model_path=model, overwrite=overwrite)
+    The merged model is first compared with base + adapter as trained (greedy agreement and mean KL of the next
+    tokens, written to merge_report.json); past the limits nothing is written, unless --force.
+    """
+    from lowtune.export.merge import merge_adapter
+    from lowtune.export.merge_check import MergeCheck
+    from lowtune.export.verify import Limits
+
+    check = MergeCheck(prompts_file=prompts, limits=Limits(max_kl, min_agreement), force=force)
+    merge_adapter(
+        adapter, out, dtype=dtype, model_path=model, overwrite=overwrite, into=into, check=check, console=Console()
+    )
     err_console.print(f"[green]Merged {adapter} -> {out}[/]. Serve it: lowtune serve --model {out}")
 
 
@@ -294,11 +329,12 @@ def export_gguf(
     ] = "f16",
     base: BaseOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+    into: IntoOption = None,
 ) -> None:
     """One GGUF file (weights, tokenizer, the run's chat template and stop token) for llama.cpp and Ollama."""
     from lowtune.export.gguf import export_gguf as write
 
-    written = write(out, gguf_type, adapter=adapter, model=model, model_path=base, overwrite=overwrite)
+    written = write(out, gguf_type, adapter=adapter, model=model, model_path=base, overwrite=overwrite, into=into)
     err_console.print(f"[green]Wrote {written}[/]. Run it: llama-cli -m {written} -cnv")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -10,13 +11,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lowtune.config import load_run_config, save_config
 from lowtune.data.read import Message
 from lowtune.data.templates import FORMATS
 from lowtune.errors import UserError
+from lowtune.export.gguf import export_gguf
 from lowtune.export.merge import chat_template, merge_adapter
+from lowtune.export.merge_check import DEFAULT_LIMITS, REPORT_FILE_NAME, MergeCheck, check_prompts
 from lowtune.infer.session import ChatModel
 from tests.conftest import MEMORISE, tiny_config, write_jsonl
 from tests.export.conftest import GREEDY, PROMPTS
+from tests.test_bad_input import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -106,15 +111,125 @@ def test_overwrite_never_deletes_the_adapter(tiny_run):
     assert (tiny_run / "adapter_model.safetensors").is_file()
 
 
-def test_adapter_trained_in_4bit_merges_into_full_precision(tmp_path, tiny_qwen2, caplog):
+@pytest.fixture(scope="module")
+def tiny_4bit_run(tmp_path_factory, tiny_qwen2) -> Path:
+    """The tiny run's training on a 4-bit base: the adapter learned against the NF4-rounded weights."""
     from lowtune.recipe import run
 
-    config = tiny_config(tiny_qwen2, write_jsonl(tmp_path / "data.jsonl", MEMORISE), tmp_path / "run", max_steps=2)
+    folder = tmp_path_factory.mktemp("tiny-4bit-run")
+    config = tiny_config(tiny_qwen2, write_jsonl(folder / "data.jsonl", MEMORISE), folder / "run", max_steps=30)
+    config.train.learning_rate = 1e-2
     config.model.quantization = "4bit"
-    adapter_dir = run(config)
+    return run(config)
+
+
+def report_of(folder: Path) -> dict:
+    return json.loads((folder / REPORT_FILE_NAME).read_text())
+
+
+def test_a_4bit_run_merged_into_its_dequantized_weights_answers_as_base_plus_adapter(tiny_4bit_run, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="lowtune"):
-        out = merge_adapter(adapter_dir, tmp_path / "merged", dtype="fp32")
-    assert "trained on a 4bit base" in caplog.text and "full-precision" in caplog.text
+        out = merge_adapter(tiny_4bit_run, tmp_path / "merged", dtype="fp32")  # --into dequantized: the default
+    assert "merged into those quantized weights, dequantized" in caplog.text
+    assert "greedy agreement 100.00%" in caplog.text
+    report = report_of(out)
+    assert report["into"] == "dequantized" and report["reference"] == "4bit base + adapter, as trained"
+    assert report["greedy_agreement"] == 1.0 and report["mean_kl"] < 1e-5 and report["max_kl"] < 1e-4
+    assert report["passed"] and not report["forced"]
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out)
     assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
+    trained = ChatModel.from_adapter(tiny_4bit_run)  # the 4-bit base + adapter
+    for prompt in PROMPTS:
+        ids = trained.chat_format.encode_prompt([Message("user", prompt)])
+        output = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=20)
+        assert output[0, len(ids) :].tolist() == trained.generate_ids(ids, GREEDY), prompt
+
+
+def test_into_original_stops_with_its_measured_difference_and_force_writes_it(
+    tiny_4bit_run, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "merged"
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "merge",
+        "--adapter",
+        str(tiny_4bit_run),
+        "--out",
+        str(out),
+        "--dtype",
+        "fp32",
+        "--into",
+        "original",
+    )
+    assert code == 2 and "Traceback" not in err
+    assert "does not answer as 4bit base + adapter" in err and "mean KL" in err and "nothing was written" in err
+    assert "--into dequantized" in err and "--force" in err
+    assert not out.exists() and not list(tmp_path.iterdir())  # no staging folder either
+    merge_adapter(tiny_4bit_run, out, dtype="fp32", into="original", check=MergeCheck(force=True))
+    report = report_of(out)
+    assert report["into"] == "original" and not report["passed"] and report["forced"]
+    # The full-precision weights lack the NF4 rounding the adapter learned against: a difference, measured.
+    assert report["mean_kl"] > DEFAULT_LIMITS.max_kl or report["greedy_agreement"] < DEFAULT_LIMITS.min_agreement
+
+
+def test_a_merge_with_a_wrong_scale_is_caught_and_writes_nothing(tiny_run, tmp_path, monkeypatch):
+    """A merge that adds the LoRA update twice (the reference, which never merges, computes it once)."""
+    from peft.tuners.lora.layer import Linear
+
+    delta = Linear.get_delta_weight
+    monkeypatch.setattr(Linear, "get_delta_weight", lambda self, adapter: 2 * delta(self, adapter))
+    out = tmp_path / "merged"
+    with pytest.raises(UserError, match="does not answer as base \\+ adapter") as raised:
+        merge_adapter(tiny_run, out, dtype="fp32")
+    assert "--force" in str(raised.value) and "--into" not in str(raised.value)  # no --into for an unquantized base
+    assert not out.exists() and not list(tmp_path.iterdir())
+    merge_adapter(tiny_run, out, dtype="fp32", check=MergeCheck(force=True))
+    report = report_of(out)
+    assert not report["passed"] and report["forced"] and report["greedy_agreement"] < 0.9
+
+
+def test_the_report_names_what_was_compared_on_which_prompts(merged, tmp_path):
+    report = report_of(merged)
+    assert report["adapter"].endswith("run") and report["into"] == "original" and report["dtype"] == "float32"
+    assert report["reference"] == "base + adapter, as trained"
+    assert report["prompts"] == len(MEMORISE) and "last records of data.files" in report["prompts_source"]
+    assert report["positions"] >= report["prompts"] and report["max_new_tokens"] == 32
+    assert report["greedy_agreement"] == 1.0 and report["mean_kl"] < 1e-6
+    limits = {"max_mean_kl": DEFAULT_LIMITS.max_kl, "min_greedy_agreement": DEFAULT_LIMITS.min_agreement}
+    assert report["limits"] == limits and report["passed"] and not report["forced"]
+
+
+def test_prompts_from_a_file_and_held_out_records(tiny_run, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", ["你好", {"prompt": "Who are you?", "system": "Be brief."}])
+    conversations, source = check_prompts(tiny_run, MergeCheck(prompts_file=prompts))
+    assert source == str(prompts)
+    brief = [Message("system", "Be brief."), Message("user", "Who are you?")]
+    assert conversations == [[Message("user", "你好")], brief]
+    config = load_run_config(tiny_run)
+    config.data.val_size = 2
+    (tmp_path / "run").mkdir()
+    save_config(config, tmp_path / "run")
+    conversations, source = check_prompts(tmp_path / "run", MergeCheck())
+    assert "held out" in source and len(conversations) == 2
+
+
+def test_into_is_an_error_for_a_run_trained_unquantized_and_for_a_model_folder(tiny_run, merged, tmp_path):
+    with pytest.raises(UserError, match="--into applies only to an adapter trained on a quantized") as raised:
+        merge_adapter(tiny_run, tmp_path / "merged", into="dequantized")
+    assert "leave out --into" in str(raised.value) and not (tmp_path / "merged").exists()
+    with pytest.raises(UserError, match="--into applies only"):
+        export_gguf(tmp_path / "run.gguf", adapter=tiny_run, into="original")
+    with pytest.raises(UserError, match="--into applies only to --adapter"):
+        export_gguf(tmp_path / "model.gguf", model=merged, into="original")
+    with pytest.raises(UserError, match="unknown --into 'fp8'"):
+        merge_adapter(tiny_run, tmp_path / "merged", into="fp8")
+
+
+def test_the_command_s_limits_are_the_library_s():
+    from lowtune.cli import merge
+
+    parameters = inspect.signature(merge).parameters
+    assert parameters["max_kl"].default == DEFAULT_LIMITS.max_kl
+    assert parameters["min_agreement"].default == DEFAULT_LIMITS.min_agreement

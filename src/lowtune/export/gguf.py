@@ -76,8 +76,10 @@ def export_gguf(
     model: str | Path | None = None,
     model_path: str | None = None,
     overwrite: bool = False,
+    into: str | None = None,
 ) -> Path:
-    """Writes a run's model (its adapter merged into the full-precision base) or a model folder as one GGUF file.
+    """Writes a run's model (its adapter merged into its base, `merge.merged_chat_model`) or a model folder as one
+    GGUF file.
 
     Args:
         out: the .gguf file to write; an existing one is replaced only with `overwrite`.
@@ -86,9 +88,13 @@ def export_gguf(
         model: a model folder instead (`lowtune merge`'s, or any Hugging Face folder of a family lowtune trains).
         model_path: the base model folder of `adapter`, when it moved since training.
         overwrite: replace an existing `out`.
+        into: for an adapter trained on a quantized base, the weights it is merged into (`merge.INTO`; None:
+            dequantized).
     """
     out = Path(out)
     problems = type_problems(gguf_type) + source_problems(adapter, model)
+    if into is not None and adapter is None:
+        problems.append(Problem("--into applies only to --adapter: a model folder is written as it is"))
     if out.exists() and not overwrite:
         problems.append(Problem("the output file exists", out, fix="choose another --out, or pass --overwrite"))
     if out.suffix != ".gguf":
@@ -98,7 +104,7 @@ def export_gguf(
     # Merged in fp32 and rounded once, to the file's type (a bf16 merge would round f16 and q8_0 weights twice).
     dtype = "bf16" if gguf_type == "bf16" else "fp32"
     if adapter is not None:
-        chat_model = merged_chat_model(Path(adapter), dtype, model_path)
+        chat_model = merged_chat_model(Path(adapter), dtype, model_path, into)
     else:
         chat_model = ChatModel.from_model_dir(model, precision=dtype, quantization="none")
     staging = out.with_name(f".{out.name}.partial")

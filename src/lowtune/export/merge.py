@@ -12,11 +12,14 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from rich.console import Console
 from transformers import PreTrainedModel
 
 from lowtune.data.templates import ChatFormat, TokenizerFormat
 from lowtune.errors import Problem, UserError
+from lowtune.export.merge_check import REPORT_FILE_NAME, MergeCheck, check_merge
 from lowtune.infer.session import ChatModel, base_model_settings
 from lowtune.model.load import DTYPES
 from lowtune.model.qwen_tokenizer import QWEN_CHAT_TEMPLATE
@@ -34,6 +37,7 @@ SEED_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 TEMPLATES = {"qwen": QWEN_CHAT_TEMPLATE, "seed": SEED_CHAT_TEMPLATE}
+INTO = ("dequantized", "original")  # the weights an adapter trained on a quantized base is merged into
 
 
 def merge_adapter(
@@ -43,11 +47,12 @@ def merge_adapter(
     model_path: str | None = None,
     overwrite: bool = False,
     max_shard_size: int | str = "5GB",
+    into: str | None = None,
+    check: MergeCheck | None = None,
+    console: Console | None = None,
 ) -> Path:
-    """Writes base + adapter as one unquantized model folder that plain transformers (or vLLM) loads.
-
-    An adapter trained on an 8-bit or 4-bit base is merged into the full-precision base (quantization: none),
-    and the log says what that changes.
+    """Writes base + adapter as one unquantized model folder that plain transformers (or vLLM) loads, once the merged
+    model is shown to answer as base + adapter (`MergeCheck`); its figures are written beside it (merge_report.json).
 
     Args:
         adapter_dir: a lowtune run folder (or one of its checkpoints).
@@ -56,41 +61,95 @@ def merge_adapter(
         model_path: the base model folder, when it moved since training.
         overwrite: replace a non-empty `out_dir` (only once the merged model is written beside it).
         max_shard_size: largest safetensors shard.
+        into: for an adapter trained on a quantized base, which weights it is merged into (INTO); None: dequantized.
+        check: the prompts and limits of the comparison with base + adapter (None: the defaults).
+        console: where the comparison's table is printed (None: only logged).
 
     Returns:
         The merged model folder.
+
+    Raises:
+        UserError: a setting is wrong, or the merged model strays from base + adapter beyond the limits (unless
+            `check.force`); nothing is written then.
     """
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
+    check = check or MergeCheck()
     settings = base_model_settings(adapter_dir)
     base = model_path or settings.path
     protected = [adapter_dir] + ([Path(base)] if base else [])
     problems = _dtype_problems(dtype) + out_dir_problems(out, overwrite, protected)
+    problems += into_problems(settings.quantization, into) + check.problems()
     if problems:
         raise UserError(problems)
-    chat_model = merged_chat_model(adapter_dir, dtype, model_path)
+    chat_model = merged_chat_model(adapter_dir, dtype, model_path, into)
+    report = check_merge(chat_model, adapter_dir, merge_target(settings.quantization, into), check, model_path, console)
     model = chat_model.model
     _set_generation_stops(model, chat_model)
     chat_model.tokenizer.chat_template = chat_template(chat_model.chat_format)
-    write_replacing(out, lambda folder: _save(model, chat_model, folder, max_shard_size))
+    write_replacing(out, lambda folder: _save(model, chat_model, folder, max_shard_size, report))
     log.info("Merged %s into %s (%s): loads with AutoModelForCausalLM.from_pretrained", adapter_dir, out, dtype)
     return out
 
 
-def merged_chat_model(adapter_dir: Path, dtype: str, model_path: str | None = None) -> ChatModel:
-    """The adapter merged into its full-precision base, in memory, with the run's tokenizer and chat format."""
+def merged_chat_model(
+    adapter_dir: Path, dtype: str, model_path: str | None = None, into: str | None = None
+) -> ChatModel:
+    """The adapter merged into its base, in memory, with the run's tokenizer and chat format.
+
+    An unquantized base is merged into as it is; a quantized one into `into` (INTO; None: dequantized).
+    """
     quantization = base_model_settings(adapter_dir).quantization
-    if quantization != "none":
-        _explain_full_precision_merge(quantization, dtype)
-    chat_model = ChatModel.from_adapter(
-        adapter_dir,
-        model_path,
-        precision=dtype,
-        quantization="none",
-        quant_type=None,
-        double_quant=None,
-        compute_dtype=None,
-    )
+    problems = into_problems(quantization, into)
+    if problems:
+        raise UserError(problems)
+    target = merge_target(quantization, into)
+    if target == "dequantized":
+        log.info(
+            "The adapter was trained on a %s base: it is merged into those quantized weights, dequantized to %s, so "
+            "the merged model computes what base + adapter computed in training (--into original: the "
+            "full-precision weights instead).",
+            quantization,
+            dtype,
+        )
+        chat_model = ChatModel.from_adapter(adapter_dir, model_path, dequantize_to=dtype)
+    else:
+        if quantization != "none":
+            _explain_full_precision_merge(quantization, dtype)
+        chat_model = ChatModel.from_adapter(
+            adapter_dir,
+            model_path,
+            precision=dtype,
+            quantization="none",
+            quant_type=None,
+            double_quant=None,
+            compute_dtype=None,
+        )
     return ChatModel(chat_model.model.merge_and_unload(), chat_model.tokenizer, chat_model.chat_format)
+
+
+def merge_target(quantization: str, into: str | None) -> str:
+    """The weights an adapter is merged into: `into` for a quantized base (default dequantized, which reproduces what
+    was trained), the base's own weights (original) for an unquantized one."""
+    if quantization == "none":
+        return "original"
+    return into or "dequantized"
+
+
+def into_problems(quantization: str, into: str | None) -> list[Problem]:
+    """--into must be one of INTO, and only for an adapter trained on a quantized base."""
+    if into is None:
+        return []
+    if into not in INTO:
+        return [Problem(f"unknown --into {into!r}", fix="use " + " or ".join(INTO))]
+    if quantization == "none":
+        return [
+            Problem(
+                "--into applies only to an adapter trained on a quantized (4bit or 8bit) base; this one was trained "
+                "on an unquantized base, whose own weights it is merged into",
+                fix="leave out --into",
+            )
+        ]
+    return []
 
 
 def chat_template(chat_format: ChatFormat) -> str:
@@ -150,10 +209,13 @@ def _set_generation_stops(model: PreTrainedModel, chat_model: ChatModel) -> None
     model.generation_config.pad_token_id = chat_model.tokenizer.pad_token_id
 
 
-def _save(model: PreTrainedModel, chat_model: ChatModel, folder: Path, max_shard_size: int | str) -> None:
+def _save(
+    model: PreTrainedModel, chat_model: ChatModel, folder: Path, max_shard_size: int | str, report: dict[str, Any]
+) -> None:
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     chat_model.tokenizer.save_pretrained(folder)
     chat_model.chat_format.save(folder)
+    (folder / REPORT_FILE_NAME).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     # safetensors writes its files readable by their owner alone (0600), but a deployed model is often read by a
     # server running as another user: the shards get the permissions of the folder's other files.
     mode = (folder / "config.json").stat().st_mode

@@ -20,7 +20,7 @@ from lowtune.data.templates import FORMAT_FILE_NAME, ChatFormat, build_chat_form
 from lowtune.errors import UserError
 from lowtune.machine import this_machine
 from lowtune.model import arch
-from lowtune.model.load import load_tokenizer, load_weights, read_tokenizer, resolve_model_path
+from lowtune.model.load import DTYPES, dequantize, load_tokenizer, load_weights, read_tokenizer, resolve_model_path
 from lowtune.train.resolve import resolve_loading
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,21 @@ class ChatModel:
         self.chat_format = chat_format
 
     @classmethod
-    def from_adapter(cls, adapter_dir: str | Path, model_path: str | None = None, **overrides: object) -> ChatModel:
+    def from_adapter(
+        cls,
+        adapter_dir: str | Path,
+        model_path: str | None = None,
+        dequantize_to: str | None = None,
+        **overrides: object,
+    ) -> ChatModel:
         """Loads the base model the adapter was trained on (same model settings: its precision auto resolves for this
         machine) plus the adapter.
 
         Args:
             adapter_dir: a lowtune output folder (or one of its checkpoints).
             model_path: the base model folder, when it moved since training.
+            dequantize_to: a quantized base's layers dequantized to this dtype (bf16, fp16, fp32) before the adapter
+                is attached: plain weights equal to the quantized ones, into which the adapter can be merged.
             **overrides: fields of ModelSettings to change (e.g. quantization="none"), validated as the YAML is.
         """
         folder = Path(adapter_dir)
@@ -65,8 +73,10 @@ class ChatModel:
             settings.path = model_path
         tokenizer = read_tokenizer(folder)
         chat_format = load_chat_format(folder, tokenizer)
-        model = PeftModel.from_pretrained(load_weights(settings, resolve_loading(settings, this_machine())), folder)
-        return cls(model, tokenizer, chat_format)
+        base = load_weights(settings, resolve_loading(settings, this_machine()))
+        if dequantize_to is not None:
+            base = dequantize(base, DTYPES[dequantize_to])
+        return cls(PeftModel.from_pretrained(base, folder), tokenizer, chat_format)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, **overrides: object) -> ChatModel:

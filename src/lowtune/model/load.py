@@ -97,6 +97,14 @@ def load_weights(settings: ModelSettings, loading: Loading) -> PreTrainedModel:
     return model
 
 
+def dequantize(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """The model with its bitsandbytes 4-bit or 8-bit layers replaced by plain linear layers holding the weights
+    they compute with (transformers' `dequantize`, through bitsandbytes' own dequantize functions), all in `dtype`.
+
+    Unlike the full-precision checkpoint, these weights carry the quantization's rounding, as in training."""
+    return model.dequantize(dtype=dtype).to(dtype)
+
+
 def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
     return read_tokenizer(resolve_model_path(settings.path), settings.trust_remote_code)
 
