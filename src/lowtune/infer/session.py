@@ -42,13 +42,20 @@ class ChatModel:
         self.chat_format = chat_format
 
     @classmethod
-    def from_adapter(cls, adapter_dir: str | Path, model_path: str | None = None, **overrides: object) -> ChatModel:
+    def from_adapter(
+        cls,
+        adapter_dir: str | Path,
+        model_path: str | None = None,
+        adapter_name: str = "default",
+        **overrides: object,
+    ) -> ChatModel:
         """Loads the base model the adapter was trained on (same model settings: its precision auto resolves for this
         machine) plus the adapter.
 
         Args:
             adapter_dir: a lowtune output folder (or one of its checkpoints).
             model_path: the base model folder, when it moved since training.
+            adapter_name: the adapter's name in the peft model (more adapters can be loaded beside it).
             **overrides: fields of ModelSettings to change (e.g. quantization="none"), validated as the YAML is.
         """
         folder = Path(adapter_dir)
@@ -57,7 +64,8 @@ class ChatModel:
             settings.path = model_path
         tokenizer = read_tokenizer(folder)
         chat_format = load_chat_format(folder, tokenizer)
-        model = PeftModel.from_pretrained(load_weights(settings, resolve_loading(settings, this_machine())), folder)
+        base = load_weights(settings, resolve_loading(settings, this_machine()))
+        model = PeftModel.from_pretrained(base, folder, adapter_name=adapter_name)
         return cls(model, tokenizer, chat_format)
 
     @classmethod
