@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -105,8 +106,8 @@ MEMORISE = [
 ]
 
 
-def tiny_config(model: Path, data: Path, output: Path, **train: object):
-    """A run config for the tiny models: fp32, fast, deterministic."""
+def tiny_config(model: Path, data: Path, output: Path, settings: Sequence[str] = (), **train: object):
+    """A run config for the tiny models: fp32, fast, deterministic (`settings`: more overrides, KEY=VALUE)."""
     from lowtune.config import load_config
 
     overrides = [
@@ -122,7 +123,7 @@ def tiny_config(model: Path, data: Path, output: Path, **train: object):
         "train.learning_rate=5e-3",
         "train.save_steps=0",
     ]
-    return load_config(None, overrides + [f"train.{key}={value}" for key, value in train.items()])
+    return load_config(None, [*overrides, *settings] + [f"train.{key}={value}" for key, value in train.items()])
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints into s
 app.add_typer(convert_app, name="convert")
 data_app = typer.Typer(no_args_is_help=True, help="Look at training data before training on it.")
 app.add_typer(data_app, name="data")
-export_app = typer.Typer(no_args_is_help=True, help="Write a run's model for other runtimes (llama.cpp, vLLM).")
+export_app = typer.Typer(no_args_is_help=True, help="Write a run's model for other runtimes (llama.cpp, Ollama, vLLM).")
 app.add_typer(export_app, name="export")
 err_console = Console(stderr=True)
 INTERRUPTED = 130
@@ -38,6 +38,10 @@ SystemOption = Annotated[str | None, typer.Option("--system", help="System promp
 MaxNewOption = Annotated[int, typer.Option("--max-new-tokens", help="Longest reply in tokens.")]
 TemperatureOption = Annotated[float, typer.Option("--temperature", help="0 for greedy decoding.")]
 TopPOption = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with temperature > 0).")]
+# A run, or a model folder instead (export gguf, export ollama; serve's --model).
+RunDirOption = Annotated[Path | None, typer.Option("--adapter", help="A lowtune run folder (or a checkpoint).")]
+ModelDirOption = Annotated[Path | None, typer.Option("--model", help="A model folder instead (e.g. lowtune merge's).")]
+BaseOption = Annotated[str | None, typer.Option("--base", help="The run's base model folder, if it moved.")]
 
 
 @app.command()
@@ -283,14 +287,12 @@ def merge(
 @export_app.command("gguf")
 def export_gguf(
     out: Annotated[Path, typer.Option("--out", help="The .gguf file to write.")],
-    adapter: Annotated[Path | None, typer.Option("--adapter", help="A lowtune run folder (or a checkpoint).")] = None,
-    model: Annotated[
-        Path | None, typer.Option("--model", help="A model folder instead (e.g. lowtune merge's).")
-    ] = None,
+    adapter: RunDirOption = None,
+    model: ModelDirOption = None,
     gguf_type: Annotated[
         str, typer.Option("--type", help="f16, bf16, f32, q8_0, q5_1, q5_0, q4_1 or q4_0 (K-quants: see the error).")
     ] = "f16",
-    base: Annotated[str | None, typer.Option("--base", help="The run's base model folder, if it moved.")] = None,
+    base: BaseOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ) -> None:
     """One GGUF file (weights, tokenizer, the run's chat template and stop token) for llama.cpp and Ollama."""
@@ -298,6 +300,26 @@ def export_gguf(
 
     written = write(out, gguf_type, adapter=adapter, model=model, model_path=base, overwrite=overwrite)
     err_console.print(f"[green]Wrote {written}[/]. Run it: llama-cli -m {written} -cnv")
+
+
+@export_app.command("ollama")
+def export_ollama(
+    out: Annotated[Path, typer.Option("--out", help="New folder for the GGUF and the Modelfile.")],
+    adapter: RunDirOption = None,
+    model: ModelDirOption = None,
+    gguf_type: Annotated[str, typer.Option("--type", help="The GGUF's type, as for export gguf.")] = "q8_0",
+    name: Annotated[
+        str | None, typer.Option("--name", help="The model's name in Ollama (default: the folder's).")
+    ] = None,
+    base: BaseOption = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder.")] = False,
+) -> None:
+    """A folder for Ollama: the GGUF and a Modelfile (template of the run's chat format, system prompt, stops)."""
+    from lowtune.export.ollama import export_ollama as write
+
+    commands = write(out, gguf_type, adapter=adapter, model=model, model_path=base, name=name, overwrite=overwrite)
+    err_console.print(f"[green]Wrote {out}[/]. Load it into Ollama and run it:")
+    print("\n".join(commands))
 
 
 @export_app.command("vllm")
@@ -327,9 +349,7 @@ def serve(
             "of one base together.",
         ),
     ] = None,
-    model: Annotated[
-        Path | None, typer.Option("--model", help="A model folder instead (e.g. lowtune merge's).")
-    ] = None,
+    model: ModelDirOption = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every network).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
     api_key: Annotated[

@@ -88,9 +88,7 @@ def export_gguf(
         overwrite: replace an existing `out`.
     """
     out = Path(out)
-    problems = _type_problems(gguf_type)
-    if (adapter is None) == (model is None):
-        problems.append(Problem("give exactly one of --adapter RUN_DIR or --model MODEL_DIR"))
+    problems = type_problems(gguf_type) + source_problems(adapter, model)
     if out.exists() and not overwrite:
         problems.append(Problem("the output file exists", out, fix="choose another --out, or pass --overwrite"))
     if out.suffix != ".gguf":
@@ -191,7 +189,15 @@ def _split_rule(pre_tokenizer: dict | None) -> tuple:
     return tuple(rule)
 
 
-def _type_problems(gguf_type: str) -> list[Problem]:
+def source_problems(adapter: str | Path | None, model: str | Path | None) -> list[Problem]:
+    """What is wrong with the choice of what to export: exactly one of a run or a model folder."""
+    if (adapter is None) == (model is None):
+        return [Problem("give exactly one of --adapter RUN_DIR or --model MODEL_DIR")]
+    return []
+
+
+def type_problems(gguf_type: str) -> list[Problem]:
+    """What is wrong with a --type: a type the gguf package cannot write (K-quants: with the way to get them)."""
     if gguf_type in TYPES:
         return []
     if gguf_type.lower() in LLAMA_QUANTIZE_TYPES:

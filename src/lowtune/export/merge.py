@@ -64,14 +64,14 @@ def merge_adapter(
     settings = base_model_settings(adapter_dir)
     base = model_path or settings.path
     protected = [adapter_dir] + ([Path(base)] if base else [])
-    problems = _dtype_problems(dtype) + _out_dir_problems(out, overwrite, protected)
+    problems = _dtype_problems(dtype) + out_dir_problems(out, overwrite, protected)
     if problems:
         raise UserError(problems)
     chat_model = merged_chat_model(adapter_dir, dtype, model_path)
     model = chat_model.model
     _set_generation_stops(model, chat_model)
     chat_model.tokenizer.chat_template = chat_template(chat_model.chat_format)
-    _write_replacing(out, lambda folder: _save(model, chat_model, folder, max_shard_size))
+    write_replacing(out, lambda folder: _save(model, chat_model, folder, max_shard_size))
     log.info("Merged %s into %s (%s): loads with AutoModelForCausalLM.from_pretrained", adapter_dir, out, dtype)
     return out
 
@@ -117,7 +117,9 @@ def _dtype_problems(dtype: str) -> list[Problem]:
     return [Problem(f"unknown dtype {dtype!r}", fix="use " + ", ".join(DTYPES))]
 
 
-def _out_dir_problems(out: Path, overwrite: bool, protected: list[Path]) -> list[Problem]:
+def out_dir_problems(out: Path, overwrite: bool, protected: list[Path]) -> list[Problem]:
+    """What stops writing the folder `out`: a file there, or a non-empty folder without `overwrite` (or one that
+    holds a folder in `protected`, which the export reads)."""
     if out.exists() and not out.is_dir():
         return [Problem("the output exists and is not a folder", out)]
     if not out.is_dir() or not any(out.iterdir()):
@@ -159,10 +161,10 @@ def _save(model: PreTrainedModel, chat_model: ChatModel, folder: Path, max_shard
         shard.chmod(mode)
 
 
-def _write_replacing(out: Path, write: Callable[[Path], None]) -> None:
-    """Writes into a sibling folder, then puts it in place: a failed merge leaves `out` as it was, never half
+def write_replacing(out: Path, write: Callable[[Path], None]) -> None:
+    """Writes into a sibling folder, then puts it in place: a failed export leaves `out` as it was, never half
     written (half a model folder would load later with random weights)."""
-    staging = out.with_name(f".{out.name}.merging")
+    staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)  # left by a merge that was killed
     staging.mkdir(parents=True)
     try:

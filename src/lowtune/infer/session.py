@@ -33,6 +33,14 @@ class GenerationSettings:
     top_p: float = 1.0
 
 
+def model_dir_chat_format(folder: Path, tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
+    """A model folder's chat format: its `chat_format.json` when it has one (merged folders do), else the one
+    training would pick (`auto`: the model's own chat template, or Qwen's ChatML)."""
+    if (folder / FORMAT_FILE_NAME).is_file():
+        return load_chat_format(folder, tokenizer)
+    return build_chat_format("auto", tokenizer)
+
+
 class ChatModel:
     """A base model with its adapter, tokenizer and chat format; streams replies to a conversation."""
 
@@ -82,10 +90,7 @@ class ChatModel:
         folder = resolve_model_path(model_dir)
         settings = ModelSettings(path=str(folder), precision=saved_precision(folder)).updated(**overrides)
         tokenizer = load_tokenizer(settings)
-        if (folder / FORMAT_FILE_NAME).is_file():
-            chat_format = load_chat_format(folder, tokenizer)
-        else:
-            chat_format = build_chat_format("auto", tokenizer)
+        chat_format = model_dir_chat_format(folder, tokenizer)
         log.info("chat format: %s (end of turn %s)", chat_format.name, chat_format.end_of_turn)
         return cls(load_weights(settings, resolve_loading(settings, this_machine())), tokenizer, chat_format)
 
