@@ -5,7 +5,8 @@
 
 Two adapters of one base are served (two short runs on the bundled data); every client sends its share of the same
 `--requests` prompts (the bundled data's last instructions), greedy, alternating between the adapters, one after
-another, through the official `openai` client against a real server on loopback. Appends one JSON line to
+another, through the official `openai` client against `lowtune serve` on loopback, in its own process (each
+configuration a fresh server, warmed up by two requests first). Appends one JSON line to
 bench/serve_results.jsonl and prints the table.
 """
 
@@ -16,21 +17,20 @@ import datetime as dt
 import json
 import socket
 import subprocess
+import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import openai
 import torch
-import uvicorn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from lowtune.config import load_config
 from lowtune.data.read import read_records, resolve_data_path
-from lowtune.infer.batch import ModelPool
-from lowtune.infer.serve import create_app
+from lowtune.infer.serve import DEFAULT_BATCH_WINDOW
 from lowtune.model.qwen_tokenizer import build_qwen_tokenizer
 from lowtune.recipe import run
 
@@ -59,36 +59,60 @@ def two_runs(model: str, folder: Path) -> dict[str, Path]:
     }
 
 
-def measure(pool: ModelPool, max_batch: int, clients: int, prompts: list[str], max_tokens: int) -> dict[str, float]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(pool, None, max_batch), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="none", max_retries=0)
-    names = list(pool.served)
-
-    def one_client(index: int) -> int:
-        tokens = 0
-        for number in range(index, len(prompts), clients):
-            reply = client.chat.completions.create(
-                model=names[number % len(names)],
-                messages=[{"role": "user", "content": prompts[number]}],
-                temperature=0,
-                max_tokens=max_tokens,
-            )
-            tokens += reply.usage.completion_tokens
-        return tokens
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=clients) as threads:
-        tokens = sum(threads.map(one_client, range(clients)))
-    seconds = time.perf_counter() - start
-    server.should_exit = True
-    thread.join(timeout=60)
+def measure(adapters: dict[str, Path], max_batch: int, clients: int, prompts: list[str], max_tokens: int) -> dict:
+    """`lowtune serve` in its own process, as a user starts it; the clients are threads of this one."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    named = [f"--adapter={name}={folder}" for name, folder in adapters.items()]
+    command = [sys.executable, "-m", "lowtune", "serve", *named, f"--port={port}", f"--max-batch={max_batch}"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        _wait_until_up(client, server)
+        one_client = partial(_one_client, client, list(adapters), prompts, clients, max_tokens)
+        one_client(0, warm_up=True)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=clients) as threads:
+            tokens = sum(threads.map(one_client, range(clients)))
+        seconds = time.perf_counter() - start
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
     return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}
+
+
+def _wait_until_up(client: openai.OpenAI, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            client.models.list()
+            return
+        except openai.APIConnectionError:
+            time.sleep(0.2)
+    raise RuntimeError(f"lowtune serve did not start (exit code {server.poll()})")
+
+
+def _one_client(
+    client: openai.OpenAI,
+    names: list[str],
+    prompts: list[str],
+    clients: int,
+    max_tokens: int,
+    index: int,
+    warm_up: bool = False,
+) -> int:
+    """This client's share of the prompts, one request after another; the completion tokens it got."""
+    tokens = 0
+    for number in range(index, 2 if warm_up else len(prompts), clients):
+        reply = client.chat.completions.create(
+            model=names[number % len(names)],
+            messages=[{"role": "user", "content": prompts[number]}],
+            temperature=0,
+            max_tokens=max_tokens,
+        )
+        tokens += reply.usage.completion_tokens
+    return tokens
 
 
 def main() -> None:
@@ -97,12 +121,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args()
-    pool = ModelPool.from_adapters(two_runs(args.model, Path(tempfile.mkdtemp())))
+    adapters = two_runs(args.model, Path(tempfile.mkdtemp()))
     records = [record for _, record in read_records(resolve_data_path("builtin:huanhuan"))]
     prompts = [record["instruction"] for record in records[-args.requests :]]
-    measure(pool, 16, 4, prompts[:4], 4)  # warm-up: first calls allocate
     figures = {
-        f"batch {batch}, {clients} clients": measure(pool, batch, clients, prompts, args.max_tokens)
+        f"batch {batch}, {clients} clients": measure(adapters, batch, clients, prompts, args.max_tokens)
         for batch in BATCHES
         for clients in CLIENTS
     }
@@ -117,6 +140,7 @@ def main() -> None:
         "model": args.model,
         "requests": args.requests,
         "max_tokens": args.max_tokens,
+        "batch_window_ms": DEFAULT_BATCH_WINDOW * 1000,
         "figures": figures,
     }
     one_at_a_time = figures["batch 1, 1 clients"]["tokens_per_second"]

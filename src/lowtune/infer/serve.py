@@ -38,6 +38,7 @@ from lowtune.infer.session import GenerationSettings
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 256  # as lowtune chat and generate
 DEFAULT_MAX_BATCH = 16  # requests generated together
+DEFAULT_BATCH_WINDOW = 0.01  # seconds a batch waits for more requests before it starts (bench/serve_throughput.py)
 UNION_MEMBERS = {"str", "int", "float", "bool"}  # how pydantic names the plain members of a union in error paths
 
 
@@ -153,8 +154,8 @@ class Worker:
     `split_special_tokens` flips a flag on the one Rust tokenizer).
     """
 
-    def __init__(self, pool: ModelPool, max_batch: int):
-        self.pool, self.max_batch = pool, max_batch
+    def __init__(self, pool: ModelPool, max_batch: int, batch_window: float = DEFAULT_BATCH_WINDOW):
+        self.pool, self.max_batch, self.batch_window = pool, max_batch, batch_window
         self.largest_batch = 0  # for the log and the tests: batching happened
         self._waiting: list[Job] = []
         self._running: list[Job] = []
@@ -180,6 +181,7 @@ class Worker:
             with self._wake:
                 while not self._waiting and not self._closed:
                     self._wake.wait()
+                self._gather()
                 if self._closed:
                     return
                 batch = self._take_batch()
@@ -188,6 +190,16 @@ class Worker:
                 self._run(batch)
             finally:
                 self._running = []
+
+    def _gather(self) -> None:
+        """Waits up to `batch_window` seconds for more requests to fill the batch (the lock held): clients that
+        start together reach the server milliseconds apart, and a batch cannot take in a request once it runs."""
+        deadline = time.monotonic() + self.batch_window
+        while len(self._waiting) < self.max_batch and not self._closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.wait(remaining)
 
     def _take_batch(self) -> list[Job]:
         key = _job_key(self._waiting[0])
