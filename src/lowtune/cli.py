@@ -38,7 +38,7 @@ SystemOption = Annotated[str | None, typer.Option("--system", help="System promp
 MaxNewOption = Annotated[int, typer.Option("--max-new-tokens", help="Longest reply in tokens.")]
 TemperatureOption = Annotated[float, typer.Option("--temperature", help="0 for greedy decoding.")]
 TopPOption = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with temperature > 0).")]
-# A run, or a model folder instead (export gguf, export ollama, serve).
+# A run, or a model folder instead (export gguf, export ollama; serve's --model).
 RunDirOption = Annotated[Path | None, typer.Option("--adapter", help="A lowtune run folder (or a checkpoint).")]
 ModelDirOption = Annotated[Path | None, typer.Option("--model", help="A model folder instead (e.g. lowtune merge's).")]
 BaseOption = Annotated[str | None, typer.Option("--base", help="The run's base model folder, if it moved.")]
@@ -377,24 +377,54 @@ def export_vllm(
 
 @app.command()
 def serve(
-    adapter: RunDirOption = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter",
+            help="A lowtune run folder (or a checkpoint), as NAME=DIR to name it; repeat to serve several adapters "
+            "of one base together.",
+        ),
+    ] = None,
     model: ModelDirOption = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every network).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
     api_key: Annotated[
         str | None, typer.Option("--api-key", envvar="LOWTUNE_API_KEY", help="Require 'Authorization: Bearer KEY'.")
     ] = None,
-    name: Annotated[str | None, typer.Option("--name", help="Model name clients send (default: the folder's).")] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Model name clients send, for one model (default: the folder's).")
+    ] = None,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", help="Requests generated together (1: one at a time).", min=1)
+    ] = 16,
 ) -> None:
-    """Serve the model through an OpenAI-compatible API: /v1/chat/completions (streamed or not), /v1/models."""
+    """Serve models through an OpenAI-compatible API: /v1/chat/completions (streamed or not), /v1/models."""
+    from lowtune.infer.batch import ModelPool
     from lowtune.infer.serve import serve as serve_api
     from lowtune.infer.session import ChatModel
 
-    if (adapter is None) == (model is None):
-        raise UserError.one("give exactly one of --adapter RUN_DIR or --model MODEL_DIR")
-    chat_model = ChatModel.from_adapter(adapter) if adapter is not None else ChatModel.from_model_dir(model)
-    folder = adapter if adapter is not None else model
-    serve_api(chat_model, name or folder.resolve().name, host=host, port=port, api_key=api_key)
+    if bool(adapter) == (model is not None):
+        raise UserError.one("give --adapter RUN_DIR (or NAME=RUN_DIR, repeatable), or --model MODEL_DIR")
+    if model is not None:
+        pool = ModelPool.from_chat_model(ChatModel.from_model_dir(model), name or model.resolve().name)
+    else:
+        pool = ModelPool.from_adapters(_named_folders(adapter, name))
+    serve_api(pool, host=host, port=port, api_key=api_key, max_batch=max_batch)
+
+
+def _named_folders(values: list[str], name: str | None) -> dict[str, Path]:
+    """NAME=DIR or DIR (named by --name, else by the folder) for each --adapter, each name once."""
+    if name is not None and len(values) > 1:
+        raise UserError.one("--name names one model", fix="name each adapter as --adapter NAME=DIR")
+    named: dict[str, Path] = {}
+    for value in values:
+        label, sep, folder = value.partition("=")
+        if not sep or not label or "/" in label:
+            label, folder = name or Path(value).resolve().name, value
+        if label in named:
+            raise UserError.one(f"two adapters are named {label!r}", fix="give each a name: --adapter NAME=DIR")
+        named[label] = Path(folder)
+    return named
 
 
 def _yaml_list(items: list[str]) -> str:

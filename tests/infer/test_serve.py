@@ -8,7 +8,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import openai
 import pytest
@@ -16,7 +18,8 @@ import uvicorn
 
 from lowtune.data.read import Message
 from lowtune.infer import serve as serve_module
-from lowtune.infer.serve import StopCutter, create_app
+from lowtune.infer.batch import ModelPool, StopCutter
+from lowtune.infer.serve import create_app
 from lowtune.infer.session import ChatModel
 from tests.conftest import MEMORISE
 
@@ -34,16 +37,27 @@ def base_url(chat_model):
     """A real uvicorn server in a background thread, on a free loopback port."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(chat_model, MODEL, API_KEY), log_level="warning"))
+    with running_server(create_app(ModelPool.from_chat_model(chat_model, MODEL), API_KEY)) as url:
+        yield url
+
+
+@contextmanager
+def running_server(app) -> Iterator[str]:
+    """`app` served by uvicorn in a background thread on a free loopback port; yields its /v1 URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
     assert server.started
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +207,8 @@ def test_stop_cutter_holds_back_only_what_may_start_a_stop(pieces, stops, expect
 def test_serve_binds_to_loopback_by_default_and_warns_when_open_without_key(chat_model, monkeypatch, caplog):
     calls = []
     monkeypatch.setattr(serve_module.uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
-    serve_module.serve(chat_model, MODEL)
+    pool = ModelPool.from_chat_model(chat_model, MODEL)
+    serve_module.serve(pool)
     assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["port"] == 8000
-    serve_module.serve(chat_model, MODEL, host="0.0.0.0")
+    serve_module.serve(pool, host="0.0.0.0")
     assert "without an API key" in caplog.text

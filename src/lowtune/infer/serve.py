@@ -1,12 +1,11 @@
-"""An OpenAI-compatible HTTP API for one chat model (FastAPI + uvicorn).
+"""An OpenAI-compatible HTTP API for chat models (FastAPI + uvicorn).
 
 `GET /v1/models` and `POST /v1/chat/completions`, answered whole or streamed as server-sent events, with
 `max_tokens`, `temperature`, `top_p` and `stop`; the messages are rendered with the chat format the model was
 trained with. Errors come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 
-One generation runs at a time: each request becomes a job for a single worker thread, which takes them in arrival
-order and also does all the tokenizing (a fast tokenizer is not safe to share between threads: encoding with
-`split_special_tokens` flips a flag on the one Rust tokenizer).
+Several adapters of one base can be served together, each under its own name (the request's `model`). Each request
+becomes a job for a single worker thread, which generates the waiting jobs together in batches (`infer/batch.py`).
 """
 
 from __future__ import annotations
@@ -20,26 +19,26 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-import torch
 import uvicorn
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException
-from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from lowtune.data.read import Message
 from lowtune.errors import UserError
-from lowtune.infer.session import ChatModel, GenerationSettings
+from lowtune.infer.batch import ModelPool, Row, Served, batch_key, generate_rows
+from lowtune.infer.session import GenerationSettings
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 256  # as lowtune chat and generate
+DEFAULT_MAX_BATCH = 16  # requests generated together
+DEFAULT_BATCH_WINDOW = 0.01  # seconds a batch waits for more requests before it starts (bench/serve_throughput.py)
 UNION_MEMBERS = {"str", "int", "float", "bool"}  # how pydantic names the plain members of a union in error paths
 
 
@@ -123,41 +122,14 @@ class Finished:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": total}
 
 
-class StopCutter:
-    """Cuts streamed text before the first stop string, holding back any tail that may be the start of one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.stopped = False
-        self._held = ""
-
-    def feed(self, text: str) -> str:
-        """The part of the text so far that surely comes before any stop string, not given out yet."""
-        if self.stopped:
-            return ""
-        text = self._held + text
-        found = [index for index in (text.find(stop) for stop in self.stops) if index >= 0]
-        if found:
-            self.stopped, self._held = True, ""
-            return text[: min(found)]
-        keep = max((n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
-        self._held = text[len(text) - keep :]
-        return text[: len(text) - keep]
-
-    def flush(self) -> str:
-        """What was held back, once the text has ended without the stop string."""
-        held, self._held = self._held, ""
-        return held
-
-
 class Job:
     """One request's reply: the worker thread sends its events, the request's coroutine reads them.
 
     Events are pieces of text, then `Finished`, or an `APIError` at any point.
     """
 
-    def __init__(self, messages: list[Message], settings: GenerationSettings, stops: list[str]):
-        self.messages, self.settings, self.stops = messages, settings, stops
+    def __init__(self, served: Served, messages: list[Message], settings: GenerationSettings, stops: list[str]):
+        self.served, self.messages, self.settings, self.stops = served, messages, settings, stops
         self.cancelled = threading.Event()  # the client went away: stop generating
         self._events: asyncio.Queue[str | Finished | APIError] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
@@ -174,70 +146,96 @@ class Job:
         return event
 
 
-class _JobStreamer(TextStreamer):
-    """Sends a job its reply's text as it is decoded, cut before its stop strings."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, job: Job):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.job = job
-        self.cutter = StopCutter(job.stops)
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        piece = self.cutter.feed(text) + (self.cutter.flush() if stream_end else "")
-        if piece:
-            self.job.send(piece)
-
-
-class _StopWhen(StoppingCriteria):
-    """Ends generation at the next token once `done()` says so."""
-
-    def __init__(self, done: Callable[[], bool]):
-        self.done = done
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.done(), dtype=torch.bool, device=input_ids.device)
-
-
 class Worker:
-    """Generates the jobs' replies one at a time, in arrival order, on one thread: the queue in front of the model."""
+    """Generates the jobs' replies on one thread, in batches: the oldest waiting job and every waiting job that can
+    share its batch (`batch_key`: the same sampling and end of turn, any adapter), up to `max_batch` together.
 
-    def __init__(self, chat_model: ChatModel):
-        self.chat_model = chat_model
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowtune-generate")
-        self._current: Job | None = None
+    The thread also does all the tokenizing (a fast tokenizer is not safe to share between threads: encoding with
+    `split_special_tokens` flips a flag on the one Rust tokenizer).
+    """
+
+    def __init__(self, pool: ModelPool, max_batch: int, batch_window: float = DEFAULT_BATCH_WINDOW):
+        self.pool, self.max_batch, self.batch_window = pool, max_batch, batch_window
+        self.largest_batch = 0  # for the log and the tests: batching happened
+        self._waiting: list[Job] = []
+        self._running: list[Job] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="lowtune-generate", daemon=True)
+        self._thread.start()
 
     def submit(self, job: Job) -> None:
-        self._executor.submit(self._run, job)
+        with self._wake:
+            self._waiting.append(job)
+            self._wake.notify()
 
     def close(self) -> None:
-        if self._current is not None:
-            self._current.cancelled.set()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._wake:
+            self._closed = True
+            for job in self._running + self._waiting:
+                job.cancelled.set()
+            self._wake.notify()
 
-    def _run(self, job: Job) -> None:
-        if job.cancelled.is_set():
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._closed:
+                    self._wake.wait()
+                self._gather()
+                if self._closed:
+                    return
+                batch = self._take_batch()
+                self._running = batch
+            try:
+                self._run(batch)
+            finally:
+                self._running = []
+
+    def _gather(self) -> None:
+        """Waits up to `batch_window` seconds for more requests to fill the batch (the lock held): clients that
+        start together reach the server milliseconds apart, and a batch cannot take in a request once it runs."""
+        deadline = time.monotonic() + self.batch_window
+        while len(self._waiting) < self.max_batch and not self._closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.wait(remaining)
+
+    def _take_batch(self) -> list[Job]:
+        key = _job_key(self._waiting[0])
+        batch = [job for job in self._waiting if _job_key(job) == key][: self.max_batch]
+        self._waiting = [job for job in self._waiting if job not in batch]
+        return [job for job in batch if not job.cancelled.is_set()]
+
+    def _run(self, batch: list[Job]) -> None:
+        rows = {}
+        for job in batch:
+            try:
+                prompt = job.served.chat_format.encode_prompt(job.messages)
+            except UserError as error:  # the chat format cannot render these messages
+                job.send(APIError(400, str(error), "messages"))
+                continue
+            rows[job] = Row(job.served, prompt, job.settings, job.send, job.stops, job.cancelled.is_set)
+        if not rows:
             return
-        self._current = job
+        if len(rows) > self.largest_batch:
+            self.largest_batch = len(rows)
+            log.info("generating %d requests together", len(rows))
         try:
-            job.send(self._generate(job))
-        except UserError as error:  # the chat format cannot render these messages
-            job.send(APIError(400, str(error), "messages"))
+            generate_rows(self.pool, list(rows.values()))
         except Exception:
             log.exception("generation failed")
             message = "the model failed to generate a reply (see the server log)"
-            job.send(APIError(500, message, error_type="server_error"))
-        finally:
-            self._current = None
+            for job in rows:
+                job.send(APIError(500, message, error_type="server_error"))
+            return
+        for job, row in rows.items():
+            finish_reason = "stop" if row.ended_turn or row.stopped_by_string else "length"
+            job.send(Finished(len(row.prompt_ids), len(row.new_ids), finish_reason))
 
-    def _generate(self, job: Job) -> Finished:
-        chat_format = self.chat_model.chat_format
-        prompt = chat_format.encode_prompt(job.messages)
-        streamer = _JobStreamer(self.chat_model.tokenizer, job)
-        stop_early = _StopWhen(lambda: job.cancelled.is_set() or streamer.cutter.stopped)
-        new_ids = self.chat_model.generate_ids(prompt, job.settings, streamer, StoppingCriteriaList([stop_early]))
-        ended_turn = bool(new_ids) and new_ids[-1] in chat_format.stop_token_ids
-        finish_reason = "stop" if streamer.cutter.stopped or ended_turn else "length"
-        return Finished(len(prompt), len(new_ids), finish_reason)
+
+def _job_key(job: Job) -> tuple[Any, ...]:
+    return batch_key(job.served, job.settings)
 
 
 @dataclass
@@ -272,9 +270,9 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
 
-def create_app(chat_model: ChatModel, model_name: str, api_key: str | None) -> FastAPI:
-    """The API for `chat_model`, which clients call `model_name`; with `api_key`, every request must send it."""
-    worker = Worker(chat_model)
+def create_app(pool: ModelPool, api_key: str | None, max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
+    """The API for the pool's models, each under its name; with `api_key`, every request must send it."""
+    worker = Worker(pool, max_batch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -282,40 +280,46 @@ def create_app(chat_model: ChatModel, model_name: str, api_key: str | None) -> F
         worker.close()
 
     app = FastAPI(title="lowtune", lifespan=lifespan, dependencies=[Depends(_key_checker(api_key))])
+    app.state.worker = worker
     _add_error_handlers(app)
-    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "lowtune"}
+    created = int(time.time())
+    cards = {name: {"id": name, "object": "model", "created": created, "owned_by": "lowtune"} for name in pool.served}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": list(cards.values())}
 
     @app.get("/v1/models/{model}")
     async def retrieve_model(model: str) -> dict[str, Any]:
-        _check_model(model, model_name)
-        return card
+        return cards[_served(model, pool).name]
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest) -> Response:
-        _check_model(request.model, model_name)
+        served = _served(request.model, pool)
         messages = [message.to_message() for message in request.messages]
-        job = Job(messages, request.settings(), request.stop_strings())
+        job = Job(served, messages, request.settings(), request.stop_strings())
         worker.submit(job)
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
-            return await _streamed(job, Reply.new(model_name), include_usage)
-        return await _whole(job, Reply.new(model_name))
+            return await _streamed(job, Reply.new(served.name), include_usage)
+        return await _whole(job, Reply.new(served.name))
 
     return app
 
 
 def serve(
-    chat_model: ChatModel, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
+    pool: ModelPool,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> None:
     """Answers the OpenAI API at http://HOST:PORT/v1 until interrupted; only this machine can call it by default."""
     if api_key is None and not _is_loopback(host):
         log.warning("Serving on %s without an API key: anyone who can reach this port can use the model", host)
-    log.info("OpenAI-compatible API for model %r at http://%s:%d/v1", model_name, host, port)
-    uvicorn.run(create_app(chat_model, model_name, api_key), host=host, port=port)
+    names = ", ".join(repr(name) for name in pool.served)
+    log.info("OpenAI-compatible API for %s at http://%s:%d/v1, up to %d requests a batch", names, host, port, max_batch)
+    uvicorn.run(create_app(pool, api_key, max_batch), host=host, port=port)
 
 
 async def _whole(job: Job, reply: Reply) -> JSONResponse:
@@ -354,10 +358,12 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _check_model(requested: str, served: str) -> None:
-    if requested != served:
-        message = f"The model {requested!r} does not exist; this server serves {served!r}"
+def _served(requested: str, pool: ModelPool) -> Served:
+    if requested not in pool.served:
+        names = ", ".join(repr(name) for name in pool.served)
+        message = f"The model {requested!r} does not exist; this server serves {names}"
         raise APIError(404, message, "model", "model_not_found")
+    return pool.served[requested]
 
 
 def _key_checker(api_key: str | None) -> Callable[..., Coroutine[Any, Any, None]]:

@@ -55,6 +55,7 @@ class ChatModel:
         adapter_dir: str | Path,
         model_path: str | None = None,
         dequantize_to: str | None = None,
+        adapter_name: str = "default",
         **overrides: object,
     ) -> ChatModel:
         """Loads the base model the adapter was trained on (same model settings: its precision auto resolves for this
@@ -65,6 +66,7 @@ class ChatModel:
             model_path: the base model folder, when it moved since training.
             dequantize_to: a quantized base's layers dequantized to this dtype (bf16, fp16, fp32) before the adapter
                 is attached: plain weights equal to the quantized ones, into which the adapter can be merged.
+            adapter_name: the adapter's name in the peft model (more adapters can be loaded beside it).
             **overrides: fields of ModelSettings to change (e.g. quantization="none"), validated as the YAML is.
         """
         folder = Path(adapter_dir)
@@ -76,7 +78,7 @@ class ChatModel:
         base = load_weights(settings, resolve_loading(settings, this_machine()))
         if dequantize_to is not None:
             base = dequantize(base, DTYPES[dequantize_to])
-        return cls(PeftModel.from_pretrained(base, folder), tokenizer, chat_format)
+        return cls(PeftModel.from_pretrained(base, folder, adapter_name=adapter_name), tokenizer, chat_format)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, **overrides: object) -> ChatModel:
