@@ -26,9 +26,11 @@ def parquet_records(path: Path, columns: Mapping[str, str]) -> Iterator[tuple[in
     """(position, row as a dict) of a Parquet file, a batch at a time."""
     pyarrow = _need("pyarrow", path, "Parquet")
     parquet = _need("pyarrow.parquet", path, "Parquet")
+    # What pyarrow raises for a file that is not Parquet or is damaged (text in it that is not UTF-8: ValueError).
+    unreadable = (pyarrow.ArrowException, OSError, ValueError)
     try:
         table = parquet.ParquetFile(path)
-    except (pyarrow.ArrowException, OSError) as error:
+    except unreadable as error:
         raise UserError.one(
             f"not a Parquet file ({_first_line(error)})",
             path,
@@ -41,7 +43,7 @@ def parquet_records(path: Path, columns: Mapping[str, str]) -> Iterator[tuple[in
             for record in batch.to_pylist():
                 number += 1
                 yield number, record
-    except (pyarrow.ArrowException, OSError) as error:
+    except unreadable as error:
         raise UserError.one(
             f"unreadable Parquet data after {number} records ({_first_line(error)})",
             path,
