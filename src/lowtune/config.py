@@ -183,7 +183,7 @@ class DataSettings(_Section):
         "is the bundled Chat-甄嬛 set.",
     )
     format: RecordFormat = Field(
-        "auto", description="Record format of the files that do not state theirs; auto detects it per file."
+        "auto", description="Record format of the files that do not state theirs; auto: told by each record's keys."
     )
     template: Literal["auto", "qwen", "seed", "tokenizer"] = Field(
         "auto",
@@ -208,8 +208,9 @@ class DataSettings(_Section):
     val_size: float = Field(
         0.0,
         ge=0,
-        description="Records held out for evaluation: a share (below 1) or a count (1 and up), drawn with "
-        "train.seed (not with eval_files).",
+        description="Records held out for evaluation: a share (below 1; one that rounds to no record, or to all of "
+        "them, holds out nothing) or a count (a whole number below the number of records), drawn with train.seed "
+        "(not with eval_files).",
     )
     eval_files: list[DataFile] = Field([], description="Evaluation files (given as files are) instead of val_size.")
 
