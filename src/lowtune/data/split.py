@@ -27,7 +27,9 @@ def held_out_count(total: int, val_size: float) -> int:
         if count >= total:
             raise UserError.one(
                 f"data.val_size={count} holds out {count} records, and the data has {total}: none left to train on",
-                fix=f"give a count below {total}, or a share such as 0.1",
+                fix=f"give a count below {total}, or a share such as 0.1"
+                if total > 1
+                else "add records, or set data.val_size: 0",
             )
         return count
     count = round(total * val_size)
