@@ -129,3 +129,66 @@ def test_a_gguf_type_the_gguf_package_cannot_write(tmp_path, tiny_qwen2, monkeyp
         monkeypatch, capsys, "export", "gguf", "--model", str(tiny_qwen2), "--out", str(out), "--type", "q4_k_m"
     )
     assert_clean_refusal(code, err, out, "cannot write K-quants", "llama-quantize")
+
+
+def write_parquet(path: Path, records: list[dict]) -> None:
+    import pyarrow
+    import pyarrow.parquet
+
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(records), path)
+
+
+def write_text(content: str):
+    return lambda path: path.write_text(content, encoding="utf-8")
+
+
+SHAREGPT_TURNS = '[{"from": "human", "value": "q"}, {"from": "%s", "value": "a"}]'
+MAPPED = "data.files=[{path: %s, columns: {instruction: quest, output: answer}}]"
+# name: (file name, writer, line or row, what the message says, more overrides)
+NEW_KIND_CASES = {
+    "bad CSV quoting": ("d.csv", write_text('instruction,output\nq,a\n"q"x,a\n'), 3, "not valid CSV", ()),
+    "CSV row of other width": ("d.csv", write_text("instruction,output\nq,a,b\n"), 2, "3 cells in this row", ()),
+    "TSV quoting": ("d.tsv", write_text('instruction\toutput\n"q\ta\n'), 2, "not valid TSV", ()),
+    "not Parquet": ("d.parquet", write_text('{"instruction": "q"}'), None, "not a Parquet file", ()),
+    "missing mapped column": (
+        "d.parquet",
+        lambda path: write_parquet(path, [{"question": "q", "answer": "a"}]),
+        None,
+        "no column 'quest' (mapped to instruction) in the file; its columns: question, answer",
+        (MAPPED,),
+    ),
+    "non-string cell": (
+        "d.parquet",
+        lambda path: write_parquet(path, [{"instruction": "q", "output": 7}]),
+        1,
+        "field 'output' must be a string, found int",
+        (),
+    ),
+    "unknown ShareGPT role": (
+        "d.json",
+        write_text('[{"conversations": %s}]' % (SHAREGPT_TURNS % "robot")),
+        1,
+        "unknown role 'robot'",
+        (),
+    ),
+    "tool turn": ("d.jsonl", write_text('{"conversations": %s}\n' % (SHAREGPT_TURNS % "observation")), 1,
+                  "'observation' turns (tool use) are not supported", ()),
+    "empty conversation": ("d.jsonl", write_text('{"conversations": []}\n'), 1, "must be a non-empty list", ()),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(NEW_KIND_CASES))
+def test_bad_input_of_the_new_kinds(case, tmp_path, tiny_qwen2, monkeypatch, capsys):
+    name, write, line, needle, settings = NEW_KIND_CASES[case]
+    data = tmp_path / name
+    write(data)
+    extra = [argument for setting in settings for argument in ("--set", setting.replace("%s", str(data)))]
+    code, err = train_cli(monkeypatch, capsys, tmp_path, tiny_qwen2, data, *extra)
+    assert_clean_refusal(code, err, tmp_path / "run", f"{data}:{line}" if line else str(data), needle)
+
+
+def test_a_held_out_count_as_large_as_the_data(tmp_path, tiny_qwen2, monkeypatch, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(GOOD, encoding="utf-8")
+    code, err = train_cli(monkeypatch, capsys, tmp_path, tiny_qwen2, data, "--set", "data.val_size=3")
+    assert_clean_refusal(code, err, tmp_path / "run", "data.val_size=3 holds out 3 records, and the data has 1")

@@ -33,3 +33,12 @@ def test_ci_runs_the_readme_install_and_test_commands():
 def test_config_reference_is_generated_from_the_schema():
     section = README.split("<!-- config-reference:start -->\n", 1)[1].split("<!-- config-reference:end -->", 1)[0]
     assert section.strip() == reference_markdown().strip()
+
+
+def test_the_data_mapping_example_validates(tmp_path):
+    from lowtune.config import load_config
+
+    block = README.split("## Data formats", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "c.yaml").write_text(block, encoding="utf-8")
+    files = load_config(tmp_path / "c.yaml").data.files
+    assert [file.format for file in files] == ["auto", "auto", "sharegpt"] and files[2].roles["agent"] == "assistant"

@@ -8,10 +8,20 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from lowtune.errors import Problem, UserError
 
@@ -98,13 +108,83 @@ class LoraSettings(_Section):
         return value
 
 
-class DataSettings(_Section):
-    files: list[str] = Field(
-        [f"{BUILTIN_DATA_PREFIX}huanhuan"],
-        description="Training files: alpaca JSON/JSONL (instruction, input, output[, system, history]) or chat "
-        "JSONL (messages). builtin:huanhuan is the bundled Chat-甄嬛 set.",
+# The record formats and the canonical column names of each: what `columns` of a data.files entry may map.
+RecordFormat = Literal["auto", "alpaca", "chat", "sharegpt"]
+FileType = Literal["auto", "json", "jsonl", "csv", "tsv", "parquet", "datasets"]
+CANONICAL_COLUMNS = {
+    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "chat": ("messages", "role", "content"),  # role and content: the keys inside each message
+    "sharegpt": ("conversations", "from", "value", "system"),  # from and value: the keys inside each turn
+}
+
+
+class DataFile(_Section):
+    """One data file with how to read it; a plain string in data.files is a DataFile with only its path."""
+
+    path: str = Field(description="The file, a folder written by datasets' save_to_disk, or builtin:NAME.")
+    type: FileType = Field(
+        "auto",
+        description="File type; auto: from the extension (.json, .jsonl, .csv, .tsv, .parquet), a folder is a "
+        "save_to_disk folder (of a DatasetDict: its train split).",
     )
-    format: Literal["auto", "alpaca", "chat"] = Field("auto", description="Record format; auto detects it per file.")
+    format: RecordFormat = Field("auto", description="Record format; auto: data.format, or detected from the keys.")
+    columns: dict[str, str] = Field(
+        {},
+        description="The file's names for the canonical fields: {canonical: the file's column}. alpaca: "
+        "instruction, input, output, system, history; chat: messages, and role, content inside each message; "
+        "sharegpt: conversations, system, and from, value inside each turn.",
+    )
+    roles: dict[str, Literal["system", "user", "assistant"]] = Field(
+        {},
+        description="The file's role names (chat, sharegpt) besides the usual ones: {its name: system, user or "
+        "assistant}, e.g. {customer: user, agent: assistant}.",
+    )
+    # Hook for mixtures (issue 16): a weight or a record count per file would be fields here, drawn in read_examples.
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_string_is_a_path(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, columns: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        fmt = info.data.get("format", "auto")
+        formats = [fmt] if fmt != "auto" else list(CANONICAL_COLUMNS)
+        allowed = list(dict.fromkeys(name for each in formats for name in CANONICAL_COLUMNS[each]))
+        unknown = [name for name in columns if name not in allowed]
+        if unknown:
+            where = f"format {fmt}" if fmt != "auto" else "alpaca, chat and sharegpt"
+            raise ValueError(f"unknown field {', '.join(unknown)}; the fields of {where}: {', '.join(allowed)}")
+        return columns
+
+    @model_validator(mode="after")
+    def _roles_of_conversations(self) -> DataFile:
+        if self.roles and self.format == "alpaca":
+            raise ValueError("roles apply to the chat and sharegpt formats, not alpaca")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_the_path_as_a_string(self, handler: Any) -> Any:
+        fields = DataFile.model_fields.items()
+        only_path = all(getattr(self, name) == field.default for name, field in fields if name != "path")
+        return self.path if only_path else handler(self)
+
+    def __str__(self) -> str:
+        return self.path
+
+
+class DataSettings(_Section):
+    files: list[DataFile] = Field(
+        default_factory=lambda: [DataFile(path=f"{BUILTIN_DATA_PREFIX}huanhuan")],
+        description="Training files: paths, or mappings {path, type, format, columns, roles} (see data.files "
+        "entries). JSON, JSONL, CSV, TSV, Parquet or a datasets save_to_disk folder, holding alpaca (instruction, "
+        "input, output[, system, history]), chat (messages) or sharegpt (conversations) records. builtin:huanhuan "
+        "is the bundled Chat-甄嬛 set.",
+    )
+    format: RecordFormat = Field(
+        "auto", description="Record format of the files that do not state theirs; auto: told by each record's keys."
+    )
     template: Literal["auto", "qwen", "seed", "tokenizer"] = Field(
         "auto",
         description="Prompt format. tokenizer: the model's own Jinja chat template; qwen: Qwen's ChatML "
@@ -128,10 +208,18 @@ class DataSettings(_Section):
     val_size: float = Field(
         0.0,
         ge=0,
-        description="Records held out for evaluation: a share (below 1) or a count (1 and up), drawn with "
-        "train.seed (not with eval_files).",
+        description="Records held out for evaluation: a share (below 1; one that rounds to no record, or to all of "
+        "them, holds out nothing) or a count (a whole number below the number of records), drawn with train.seed "
+        "(not with eval_files).",
     )
-    eval_files: list[str] = Field([], description="Evaluation files (same formats as files) instead of val_size.")
+    eval_files: list[DataFile] = Field([], description="Evaluation files (given as files are) instead of val_size.")
+
+    @field_validator("val_size")
+    @classmethod
+    def _a_count_is_whole(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError(f"{value:g} is neither a share (below 1) nor a count of records (a whole number)")
+        return value
 
 
 # Train settings that say the same thing two ways: a run gives one of each pair.
@@ -320,13 +408,18 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
 
 
 def _key_lines(node: yaml.Node, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
-    """Line (1-based) of every key in a YAML mapping tree, so that errors can point at it."""
+    """Line (1-based) of every key in a YAML mapping tree, list items by their index, so errors can point at it."""
     lines: dict[tuple[str, ...], int] = {}
     if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = prefix + (str(key_node.value),)
-            lines[key] = key_node.start_mark.line + 1
-            lines.update(_key_lines(value_node, key))
+        children = [(str(key_node.value), key_node, value_node) for key_node, value_node in node.value]
+    elif isinstance(node, yaml.SequenceNode):
+        children = [(str(index), item, item) for index, item in enumerate(node.value)]
+    else:
+        return lines
+    for name, key_node, value_node in children:
+        key = prefix + (name,)
+        lines[key] = key_node.start_mark.line + 1
+        lines.update(_key_lines(value_node, key))
     return lines
 
 
@@ -363,19 +456,19 @@ def _drop_alternative(train: dict[str, Any], key: str) -> None:
 
 
 def _problem_from(error: dict[str, Any], source: str, key_lines: dict[tuple[str, ...], int]) -> Problem:
-    location = tuple(str(part) for part in error["loc"] if not isinstance(part, int))
     # pydantic reports union members as extra path parts ("list[str]", "literal['auto']"): cut them off.
-    location = tuple(part for part in location if "[" not in part)
+    parts = [part for part in error["loc"] if isinstance(part, int) or "[" not in part]
+    location = tuple(str(part) for part in parts)
     message = error["msg"].removeprefix("Value error, ")
     if not location:  # a check across sections: it names the keys it is about, the first one locates it
         named = re.search(r"\b(model|lora|data|train)\.(\w+)", message)
         location = (named[1], named[2]) if named else ()
         return Problem(message, source, _line_of(location, key_lines))
     line = _line_of(location, key_lines)
-    key = ".".join(location)
+    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in parts).lstrip(".")
     if error["type"] == "extra_forbidden":
         message = f"unknown key {key!r}"
-        return Problem(message, source, line, fix=_known_keys_hint(location))
+        return Problem(message, source, line, fix=_known_keys_hint(parts))
     return Problem(f"{key}: {message}", source, line)
 
 
@@ -388,10 +481,13 @@ def _line_of(location: tuple[str, ...], key_lines: dict[tuple[str, ...], int]) -
     return line
 
 
-def _known_keys_hint(location: tuple[str, ...]) -> str:
+def _known_keys_hint(location: list[str | int]) -> str:
     model: type[BaseModel] = RunConfig
     for part in location[:-1]:
+        if isinstance(part, int):  # an item of a list of sections (data.files): the section is the list's
+            continue
         annotation = model.model_fields[part].annotation
+        annotation = next(iter(get_args(annotation)), annotation) if get_origin(annotation) is list else annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             break
         model = annotation
@@ -404,14 +500,23 @@ def reference_markdown() -> str:
     for section, field in RunConfig.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            lines += [f"**{section}**", "", "| key | default | meaning |", "|---|---|---|"]
-            for key, sub in annotation.model_fields.items():
-                default = sub.get_default(call_default_factory=True)
-                lines.append(f"| `{key}` | `{_show(default)}` | {sub.description} |")
-            lines.append("")
+            lines += [f"**{section}**", ""] + _key_table(annotation) + [""]
         else:
             lines += [f"**{section}**: {field.description} Default `{field.default}`.", ""]
+        if annotation is DataSettings:
+            lines += ["**data.files entries** (and data.eval_files): a path, or a mapping of these keys", ""]
+            lines += _key_table(DataFile) + [""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _key_table(section: type[BaseModel]) -> list[str]:
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, sub in section.model_fields.items():
+        default = "required"
+        if not sub.is_required():
+            default = _show(TypeAdapter(sub.annotation).dump_python(sub.get_default(call_default_factory=True)))
+        lines.append(f"| `{key}` | `{default}` | {sub.description} |")
+    return lines
 
 
 def _show(value: Any) -> str:

@@ -37,7 +37,7 @@ def test_counts_truncation_drops_and_duplicates(config, monkeypatch):
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
     report = inspect_data(config)
-    source = config.data.files[0]
+    source = str(config.data.files[0])
     assert report.files == {source: 5} and report.records == 5 and report.held_out == 2
     assert report.truncated == [f"{source}:3", f"{source}:4"]
     assert report.dropped == [f"{source}:3"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 
@@ -10,23 +11,43 @@ from lowtune.data.read import Example, read_examples
 from lowtune.data.templates import input_separator
 from lowtune.errors import UserError
 
+log = logging.getLogger(__name__)
+
 
 def held_out_count(total: int, val_size: float) -> int:
-    """val_size below 1 is a share of the records, 1 and above a count."""
-    count = round(total * val_size) if val_size < 1 else int(val_size)
-    if val_size > 0 and count == 0:
-        count = 1
-    if count >= total:
-        raise UserError.one(
-            f"data.val_size={val_size} holds out {count} of {total} records: none left to train on",
-            fix="lower data.val_size",
-        )
-    return count
+    """val_size below 1 is a share of the records, 1 and above a count.
+
+    A share too small for the data (it rounds to no record) or too large for it (it would leave none to train on)
+    holds out nothing, and says so; a count that leaves no training record is an error.
+    """
+    if val_size <= 0:
+        return 0
+    if val_size >= 1:
+        count = int(val_size)
+        if count >= total:
+            raise UserError.one(
+                f"data.val_size={count} holds out {count} records, and the data has {total}: none left to train on",
+                fix=f"give a count below {total}, or a share such as 0.1"
+                if total > 1
+                else "add records, or set data.val_size: 0",
+            )
+        return count
+    count = round(total * val_size)
+    if 0 < count < total:
+        return count
+    log.warning(
+        "data.val_size=%g of %d records would hold out %d: holding out nothing, so no evaluation (a count such as "
+        "data.val_size: 1 holds out that many)",
+        val_size,
+        total,
+        count,
+    )
+    return 0
 
 
 def split_examples(examples: Sequence[Example], val_size: float, seed: int) -> tuple[list[Example], list[Example]]:
     """(train, held out): a seeded random draw, each side kept in file order."""
-    count = held_out_count(len(examples), val_size) if val_size > 0 else 0
+    count = held_out_count(len(examples), val_size)
     held = set(random.Random(seed).sample(range(len(examples)), count))
     train = [e for i, e in enumerate(examples) if i not in held]
     return train, [e for i, e in enumerate(examples) if i in held]

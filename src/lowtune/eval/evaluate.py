@@ -109,7 +109,12 @@ def held_out_examples(config: RunConfig, data: str | Path | None = None) -> tupl
         )
     _, held_out = split_for_run(config, read_examples(config.data.files, config.data.format, separator))
     if config.data.eval_files:
-        return held_out, "data.eval_files: " + ", ".join(config.data.eval_files)
+        return held_out, "data.eval_files: " + ", ".join(map(str, config.data.eval_files))
+    if not held_out:
+        raise UserError.one(
+            f"data.val_size={config.data.val_size:g} held out no record of this run's data (too few records)",
+            fix="give records to evaluate on with --data FILE",
+        )
     return held_out, f"held out of data.files (val_size {config.data.val_size:g}, seed {config.train.seed})"
 
 

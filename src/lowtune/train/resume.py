@@ -99,9 +99,21 @@ def fingerprint(config: RunConfig) -> dict[str, str]:
     """sha256 of each data file and of the model's config.json: what the config's paths alone do not pin down."""
     from lowtune.model.load import resolve_model_path
 
-    files = {f"data file {name}": resolve_data_path(name) for name in config.data.files + config.data.eval_files}
+    entries = config.data.files + config.data.eval_files
+    files = {f"data file {entry}": resolve_data_path(entry.path) for entry in entries}
     files["model config.json"] = resolve_model_path(config.model.path) / "config.json"
-    return {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()}
+    return {name: _sha256(path) for name, path in files.items()}
+
+
+def _sha256(path: Path) -> str:
+    """Of a file, or of a folder (datasets' save_to_disk): each file's relative name and bytes, in name order."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        digest.update(path.read_bytes())
+        return digest.hexdigest()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
 
 
 def save_fingerprint(config: RunConfig, folder: Path) -> None:
