@@ -354,8 +354,7 @@ def export_ollama(
     from lowtune.export.ollama import export_ollama as write
 
     commands = write(out, gguf_type, adapter=adapter, model=model, model_path=base, name=name, overwrite=overwrite)
-    err_console.print(f"[green]Wrote {out}[/]. Load it into Ollama and run it:")
-    print("\n".join(commands))
+    print("\n".join(commands))  # the log said what was written; stdout has the commands alone, for scripts
 
 
 @export_app.command("vllm")
