@@ -396,9 +396,25 @@ def serve(
     max_batch: Annotated[
         int, typer.Option("--max-batch", help="Requests generated together (1: one at a time).", min=1)
     ] = 16,
+    max_prompt_tokens: Annotated[
+        int | None, typer.Option("--max-prompt-tokens", help="Longest prompt (default: the model's context).", min=1)
+    ] = None,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", help="Requests waiting for a batch; past it 429 + Retry-After.", min=1)
+    ] = 64,
+    request_timeout: Annotated[
+        float, typer.Option("--request-timeout", help="Seconds a request may take; then 408.", min=0.1)
+    ] = 300.0,
+    max_body_mb: Annotated[
+        float, typer.Option("--max-body-mb", help="Largest request body; then 413.", min=0.01)
+    ] = 4.0,
+    shutdown_timeout: Annotated[
+        float, typer.Option("--shutdown-timeout", help="Seconds SIGTERM lets running requests finish.", min=0)
+    ] = 10.0,
 ) -> None:
     """Serve models through an OpenAI-compatible API: /v1/chat/completions (streamed or not), /v1/models."""
     from lowtune.infer.batch import ModelPool
+    from lowtune.infer.serve import Limits
     from lowtune.infer.serve import serve as serve_api
     from lowtune.infer.session import ChatModel
 
@@ -408,7 +424,8 @@ def serve(
         pool = ModelPool.from_chat_model(ChatModel.from_model_dir(model), name or model.resolve().name)
     else:
         pool = ModelPool.from_adapters(_named_folders(adapter, name))
-    serve_api(pool, host=host, port=port, api_key=api_key, max_batch=max_batch)
+    limits = Limits(max_prompt_tokens, int(max_body_mb * 2**20), request_timeout, max_queue, shutdown_timeout)
+    serve_api(pool, host=host, port=port, api_key=api_key, max_batch=max_batch, limits=limits)
 
 
 def _named_folders(values: list[str], name: str | None) -> dict[str, Path]:

@@ -14,11 +14,13 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
 import secrets
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -38,6 +40,7 @@ from lowtune.infer.session import GenerationSettings
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 256  # as lowtune chat and generate
 DEFAULT_MAX_BATCH = 16  # requests generated together
+DISCONNECT_POLL = 0.1  # seconds between checks that a waiting client is still connected
 DEFAULT_BATCH_WINDOW = 0.01  # seconds a batch waits for more requests before it starts (bench/serve_throughput.py)
 UNION_MEMBERS = {"str", "int", "float", "bool"}  # how pydantic names the plain members of a union in error paths
 
@@ -101,12 +104,32 @@ class APIError(Exception):
     param: str | None = None
     code: str | None = None
     error_type: str = "invalid_request_error"
+    headers: dict[str, str] | None = None
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may take of the server, so that no client can hold up the others.
+
+    Attributes:
+        max_prompt_tokens: the longest prompt; None: the model's context.
+        max_body_bytes: the largest request body (413 past it).
+        request_timeout: seconds from arrival to the end of the reply; then its generation stops (408).
+        max_queue: requests waiting for a batch at most (429 with Retry-After past it).
+        shutdown_timeout: seconds SIGTERM waits for running requests before it cancels them.
+    """
+
+    max_prompt_tokens: int | None = None
+    max_body_bytes: int = 4 * 2**20
+    request_timeout: float = 300.0
+    max_queue: int = 64
+    shutdown_timeout: float = 10.0
 
 
 @dataclass
@@ -128,8 +151,10 @@ class Job:
     Events are pieces of text, then `Finished`, or an `APIError` at any point.
     """
 
-    def __init__(self, served: Served, messages: list[Message], settings: GenerationSettings, stops: list[str]):
-        self.served, self.messages, self.settings, self.stops = served, messages, settings, stops
+    def __init__(
+        self, served: Served, prompt: list[int], settings: GenerationSettings, stops: list[str], deadline: float
+    ):
+        self.served, self.prompt, self.settings, self.stops, self.deadline = served, prompt, settings, stops, deadline
         self.cancelled = threading.Event()  # the client went away: stop generating
         self._events: asyncio.Queue[str | Finished | APIError] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
@@ -137,6 +162,14 @@ class Job:
     def send(self, event: str | Finished | APIError) -> None:
         """Called from the worker thread."""
         self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    def stopped(self) -> bool:
+        """Asked before each token: the client went away, or the request ran past its deadline."""
+        return self.cancelled.is_set() or self.timed_out
+
+    @property
+    def timed_out(self) -> bool:
+        return time.monotonic() > self.deadline
 
     async def next_event(self) -> str | Finished:
         """The next piece of text, or how the reply ended; raises the APIError that ended it instead."""
@@ -150,19 +183,27 @@ class Worker:
     """Generates the jobs' replies on one thread, in batches: the oldest waiting job and every waiting job that can
     share its batch (`batch_key`: the same sampling and end of turn, any adapter), up to `max_batch` together.
 
-    The thread also does all the tokenizing (a fast tokenizer is not safe to share between threads: encoding with
-    `split_special_tokens` flips a flag on the one Rust tokenizer).
+    Prompts come tokenized (`Tokenizing`); this thread only decodes the replies.
     """
 
     def __init__(self, pool: ModelPool, max_batch: int, batch_window: float = DEFAULT_BATCH_WINDOW):
         self.pool, self.max_batch, self.batch_window = pool, max_batch, batch_window
         self.largest_batch = 0  # for the log and the tests: batching happened
+        self.last_batch_seconds = 1.0  # how long the last batch took: what a client told to retry should wait
         self._waiting: list[Job] = []
         self._running: list[Job] = []
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="lowtune-generate", daemon=True)
         self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     def submit(self, job: Job) -> None:
         with self._wake:
@@ -205,19 +246,16 @@ class Worker:
         key = _job_key(self._waiting[0])
         batch = [job for job in self._waiting if _job_key(job) == key][: self.max_batch]
         self._waiting = [job for job in self._waiting if job not in batch]
-        return [job for job in batch if not job.cancelled.is_set()]
+        for job in batch:
+            if job.timed_out:
+                job.send(_timeout_error())
+        return [job for job in batch if not job.stopped()]
 
     def _run(self, batch: list[Job]) -> None:
-        rows = {}
-        for job in batch:
-            try:
-                prompt = job.served.chat_format.encode_prompt(job.messages)
-            except UserError as error:  # the chat format cannot render these messages
-                job.send(APIError(400, str(error), "messages"))
-                continue
-            rows[job] = Row(job.served, prompt, job.settings, job.send, job.stops, job.cancelled.is_set)
+        rows = {job: Row(job.served, job.prompt, job.settings, job.send, job.stops, job.stopped) for job in batch}
         if not rows:
             return
+        started = time.monotonic()
         if len(rows) > self.largest_batch:
             self.largest_batch = len(rows)
             log.info("generating %d requests together", len(rows))
@@ -229,13 +267,38 @@ class Worker:
             for job in rows:
                 job.send(APIError(500, message, error_type="server_error"))
             return
+        self.last_batch_seconds = time.monotonic() - started
         for job, row in rows.items():
+            if job.timed_out and not (row.ended_turn or row.stopped_by_string):
+                job.send(_timeout_error())
+                continue
             finish_reason = "stop" if row.ended_turn or row.stopped_by_string else "length"
             job.send(Finished(len(row.prompt_ids), len(row.new_ids), finish_reason))
 
 
 def _job_key(job: Job) -> tuple[Any, ...]:
     return batch_key(job.served, job.settings)
+
+
+def _timeout_error() -> APIError:
+    message = "the request ran past this server's --request-timeout; its generation was stopped"
+    return APIError(408, message, code="request_timeout", error_type="timeout")
+
+
+class Tokenizing:
+    """Prompts tokenized on one thread of their own, off the event loop and beside the generation (a fast tokenizer
+    is not safe to share between encoding threads: `split_special_tokens` flips a flag on the one Rust tokenizer), so
+    that a huge prompt is measured, and refused, without waiting for a batch."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowtune-tokenize")
+
+    async def prompt(self, served: Served, messages: list[Message]) -> list[int]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, served.chat_format.encode_prompt, messages)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
@@ -270,20 +333,30 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
 
-def create_app(pool: ModelPool, api_key: str | None, max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
-    """The API for the pool's models, each under its name; with `api_key`, every request must send it."""
-    worker = Worker(pool, max_batch)
+def create_app(
+    pool: ModelPool, api_key: str | None, max_batch: int = DEFAULT_MAX_BATCH, limits: Limits = Limits()
+) -> FastAPI:
+    """The API for the pool's models, each under its name; with `api_key`, every request but /health must send
+    it."""
+    worker, tokenizing = Worker(pool, max_batch), Tokenizing()
+    context = getattr(pool.model.config, "max_position_embeddings", None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         worker.close()
+        tokenizing.close()
 
     app = FastAPI(title="lowtune", lifespan=lifespan, dependencies=[Depends(_key_checker(api_key))])
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     app.state.worker = worker
     _add_error_handlers(app)
     created = int(time.time())
     cards = {name: {"id": name, "object": "model", "created": created, "owned_by": "lowtune"} for name in pool.served}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "waiting": worker.waiting, "running": worker.running}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -294,15 +367,22 @@ def create_app(pool: ModelPool, api_key: str | None, max_batch: int = DEFAULT_MA
         return cards[_served(model, pool).name]
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest) -> Response:
+    async def chat_completions(request: ChatCompletionRequest, connection: Request) -> Response:
+        deadline = time.monotonic() + limits.request_timeout
         served = _served(request.model, pool)
-        messages = [message.to_message() for message in request.messages]
-        job = Job(served, messages, request.settings(), request.stop_strings())
+        _check_queue(worker, limits)
+        try:
+            prompt = await tokenizing.prompt(served, [message.to_message() for message in request.messages])
+        except UserError as error:  # the chat format cannot render these messages
+            raise APIError(400, str(error), "messages") from None
+        settings = _bounded_settings(request, len(prompt), context, limits)
+        job = Job(served, prompt, settings, request.stop_strings(), deadline)
+        _check_queue(worker, limits)
         worker.submit(job)
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
             return await _streamed(job, Reply.new(served.name), include_usage)
-        return await _whole(job, Reply.new(served.name))
+        return await _whole(job, Reply.new(served.name), connection)
 
     return app
 
@@ -313,22 +393,111 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
+    limits: Limits = Limits(),
 ) -> None:
-    """Answers the OpenAI API at http://HOST:PORT/v1 until interrupted; only this machine can call it by default."""
+    """Answers the OpenAI API at http://HOST:PORT/v1 until interrupted; only this machine can call it by default.
+
+    SIGTERM (or Ctrl-C) stops taking connections, lets running requests finish for `limits.shutdown_timeout`
+    seconds, cancels the rest and exits."""
     if api_key is None and not _is_loopback(host):
         log.warning("Serving on %s without an API key: anyone who can reach this port can use the model", host)
     names = ", ".join(repr(name) for name in pool.served)
     log.info("OpenAI-compatible API for %s at http://%s:%d/v1, up to %d requests a batch", names, host, port, max_batch)
-    uvicorn.run(create_app(pool, api_key, max_batch), host=host, port=port)
+    app = create_app(pool, api_key, max_batch, limits)
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=limits.shutdown_timeout)
 
 
-async def _whole(job: Job, reply: Reply) -> JSONResponse:
-    pieces = []
-    event = await job.next_event()
-    while isinstance(event, str):
-        pieces.append(event)
+class BodyLimit:
+    """Answers 413 to a request body over `limit` bytes, whether it says its length or not (ASGI middleware): the
+    body is read here first, up to the limit, then handed to the app."""
+
+    def __init__(self, app: Callable[..., Any], limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away while sending
+                return None
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                return await self._refuse(scope, receive, send)
+            more = message.get("more_body", False)
+        given = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal given
+            if given:
+                return await receive()  # what comes after the body: the client's disconnect
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        message = f"the request body is over this server's limit of {self.limit:,} bytes"
+        await APIError(413, message, code="request_too_large").response()(scope, receive, send)
+
+
+def _check_queue(worker: Worker, limits: Limits) -> None:
+    if worker.waiting >= limits.max_queue:
+        retry = max(1, math.ceil(worker.last_batch_seconds))
+        message = f"{worker.waiting} requests are waiting (this server's --max-queue); retry in {retry} s"
+        raise APIError(
+            429, message, code="queue_full", error_type="rate_limit_error", headers={"Retry-After": str(retry)}
+        )
+
+
+def _bounded_settings(
+    request: ChatCompletionRequest, prompt_tokens: int, context: int | None, limits: Limits
+) -> GenerationSettings:
+    """The request's settings, or a 400 naming both numbers when the prompt (and the reply it asks for) cannot fit;
+    an unset max_tokens is cut to what the context has room for."""
+    if limits.max_prompt_tokens is not None and prompt_tokens > limits.max_prompt_tokens:
+        limit = limits.max_prompt_tokens
+        message = f"the prompt is {prompt_tokens:,} tokens, over this server's --max-prompt-tokens {limit:,}"
+        raise APIError(400, message, "messages", "context_length_exceeded")
+    settings = request.settings()
+    if context is None:
+        return settings
+    if prompt_tokens >= context:
+        message = f"the prompt is {prompt_tokens:,} tokens: the model's context is {context:,} tokens"
+        raise APIError(400, message, "messages", "context_length_exceeded")
+    if (request.max_tokens or request.max_completion_tokens) is None:
+        settings.max_new_tokens = min(settings.max_new_tokens, context - prompt_tokens)
+    if prompt_tokens + settings.max_new_tokens > context:
+        message = (
+            f"the prompt is {prompt_tokens:,} tokens and max_tokens {settings.max_new_tokens:,}: "
+            f"{prompt_tokens + settings.max_new_tokens:,} is over the model's context of {context:,} tokens"
+        )
+        raise APIError(400, message, "messages", "context_length_exceeded")
+    return settings
+
+
+async def _whole(job: Job, reply: Reply, connection: Request) -> JSONResponse:
+    watcher = asyncio.create_task(_cancel_on_disconnect(connection, job))
+    try:
+        pieces = []
         event = await job.next_event()
-    return JSONResponse(reply.completion("".join(pieces), event))
+        while isinstance(event, str):
+            pieces.append(event)
+            event = await job.next_event()
+        return JSONResponse(reply.completion("".join(pieces), event))
+    finally:
+        watcher.cancel()
+
+
+async def _cancel_on_disconnect(connection: Request, job: Job) -> None:
+    """A client that closes the connection before its whole reply frees its row (streams: `_sse`)."""
+    while not await connection.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL)
+    job.cancelled.set()
 
 
 async def _streamed(job: Job, reply: Reply, include_usage: bool) -> StreamingResponse:
@@ -367,8 +536,8 @@ def _served(requested: str, pool: ModelPool) -> Served:
 
 
 def _key_checker(api_key: str | None) -> Callable[..., Coroutine[Any, Any, None]]:
-    async def check_key(authorization: Annotated[str | None, Header()] = None) -> None:
-        if api_key is None:
+    async def check_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+        if api_key is None or request.url.path == "/health":  # health checkers send no key
             return
         given = (authorization or "").removeprefix("Bearer ").strip()
         if not secrets.compare_digest(given.encode(), api_key.encode()):
