@@ -11,6 +11,7 @@ becomes a job for a single worker thread, which generates the waiting jobs toget
 from __future__ import annotations
 
 import asyncio
+import copy
 import ipaddress
 import json
 import logging
@@ -286,16 +287,22 @@ def _timeout_error() -> APIError:
 
 
 class Tokenizing:
-    """Prompts tokenized on one thread of their own, off the event loop and beside the generation (a fast tokenizer
-    is not safe to share between encoding threads: `split_special_tokens` flips a flag on the one Rust tokenizer), so
-    that a huge prompt is measured, and refused, without waiting for a batch."""
+    """Prompts tokenized on one thread of their own, off the event loop and beside the generation, so that a huge
+    prompt is measured, and refused, without waiting for a batch. The thread encodes with its own copy of each chat
+    format: a fast tokenizer is not safe to share between threads (encoding sets its padding, truncation and
+    `split_special_tokens` on the one Rust tokenizer while the generation thread decodes with it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: ModelPool) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowtune-tokenize")
+        # used by the executor's thread only (~0.6 s a format, once, before the server takes requests)
+        self._formats = {name: copy.deepcopy(served.chat_format) for name, served in pool.served.items()}
 
     async def prompt(self, served: Served, messages: list[Message]) -> list[int]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, served.chat_format.encode_prompt, messages)
+        return await loop.run_in_executor(self._executor, self._encode, served, messages)
+
+    def _encode(self, served: Served, messages: list[Message]) -> list[int]:
+        return self._formats[served.name].encode_prompt(messages)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -338,7 +345,7 @@ def create_app(
 ) -> FastAPI:
     """The API for the pool's models, each under its name; with `api_key`, every request but /health must send
     it."""
-    worker, tokenizing = Worker(pool, max_batch), Tokenizing()
+    worker, tokenizing = Worker(pool, max_batch), Tokenizing(pool)
     context = getattr(pool.model.config, "max_position_embeddings", None)
 
     @asynccontextmanager
