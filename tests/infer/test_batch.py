@@ -12,7 +12,7 @@ import pytest
 from lowtune.cli import _named_folders
 from lowtune.data.read import Message
 from lowtune.errors import UserError
-from lowtune.infer.batch import ModelPool, Row, generate_rows
+from lowtune.infer.batch import Decoder, ModelPool, Row, generate_rows
 from lowtune.infer.serve import create_app
 from lowtune.infer.session import ChatModel, GenerationSettings
 from tests.conftest import MEMORISE, tiny_config, write_jsonl
@@ -60,6 +60,33 @@ def test_a_mixed_batch_answers_as_each_adapter_alone(pool):
     generate_rows(pool, rows)
     assert {key: "".join(pieces) for key, pieces in texts.items()} == expected
     assert all(row.ended_turn for row in rows if len(row.new_ids) < GREEDY.max_new_tokens)
+
+
+def test_rows_that_join_between_steps_answer_as_alone(pool):
+    """Continuous batching: rows join a running batch (their cache padded to its length) and leave it as they end,
+    each row as it would alone; a sampled row beside greedy ones changes none of them."""
+    long_prompt = "你好，请介绍一下你自己的家世和入宫的经过。"
+    asks = [("huan", long_prompt), ("hua", MEMORISE[1]["instruction"]), ("huan", MEMORISE[0]["instruction"])]
+    expected = {ask: alone(pool, *ask) for ask in asks}
+    texts: dict[tuple[str, str], list[str]] = {ask: [] for ask in asks}
+
+    def row(ask: tuple[str, str], settings: GenerationSettings = GREEDY) -> Row:
+        served = pool.served[ask[0]]
+        prompt_ids = served.chat_format.encode_prompt([Message("user", ask[1])])
+        return Row(served, prompt_ids, settings, texts.setdefault(ask, []).append if settings is GREEDY else str)
+
+    decoder = Decoder(pool)
+    first = row(asks[0])
+    decoder.add([first])
+    decoder.step()
+    assert decoder.rows == [first] and len(first.new_ids) == 2  # under way: its reply is longer
+    sampled = row(("hua", long_prompt), GenerationSettings(max_new_tokens=24, temperature=1.0, top_p=0.9))
+    decoder.add([row(asks[1]), sampled, row(asks[2])])
+    assert len(decoder.rows) == 4
+    while decoder.rows:
+        decoder.step()
+    assert {ask: "".join(texts[ask]) for ask in asks} == expected
+    assert len(sampled.new_ids) > 0
 
 
 def test_rows_end_on_their_own(pool):

@@ -112,6 +112,24 @@ def test_a_closed_stream_frees_the_server(random_base):
         assert time.monotonic() - start < 1.0  # not behind the 1,000 tokens of the closed stream
 
 
+def test_a_short_request_is_answered_beside_a_long_one_and_a_closed_row_frees_its_slot(random_base):
+    """Continuous batching: a request joins the batch that is running, and a row whose stream was closed leaves it
+    at its next token, even while another row of that batch goes on."""
+    app = create_app(random_base, None, max_batch=2)
+    with running_server(app) as url:
+        client = client_of(url)
+        running = long_request(client, 1000, stream=True)
+        next(iter(running))
+        closed = long_request(client, 1000, stream=True)  # takes the second slot, then gives it back
+        next(iter(closed))
+        closed.close()
+        start = time.monotonic()
+        assert long_request(client, 5).usage.completion_tokens == 5
+        assert time.monotonic() - start < 1.0  # neither behind the running reply nor behind the closed one
+        assert app.state.worker.running == 1  # the long reply still goes on
+        running.close()
+
+
 def test_a_client_that_hangs_up_frees_the_server(random_base):
     with running_server(create_app(random_base, None)) as url:
         with pytest.raises(TimeoutError):  # waits 0.3 s for a 1,000-token reply, then hangs up

@@ -1,12 +1,15 @@
-"""Several chat requests generated together: one base model, several adapters, one batched `generate` call.
+"""Several chat requests generated together: one base model, several adapters, one decoding loop.
 
 The adapters share the base's weights (peft's named adapters); a batch may mix them, each row computing with its own
-adapter (peft's `adapter_names`). Prompts are padded on the left. Each row ends on its own (its chat format's end of
-turn, its `max_new_tokens`, a stop string, or its client going away) and its text is handed out as it is decoded.
+adapter (peft's `adapter_names`) and sampling with its own settings. Rows join the batch between two decoding steps
+and leave it at the step they end (their chat format's end of turn, their `max_new_tokens`, a stop string, or their
+client going away); each row's text is handed out as it is decoded.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,12 +18,11 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, PreTrainedModel, TemperatureLogitsWarper, TopPLogitsWarper
 
 from lowtune.data.templates import ChatFormat, load_chat_format
 from lowtune.errors import Problem, UserError
 from lowtune.infer.session import ChatModel, GenerationSettings, base_model_settings
-from lowtune.model import arch
 from lowtune.model.load import read_tokenizer
 
 log = logging.getLogger(__name__)
@@ -151,54 +153,139 @@ class Row:
             self.send(piece)
 
 
-def batch_key(served: Served, settings: GenerationSettings) -> tuple[Any, ...]:
-    """Requests that can share one `generate` call: the same sampling and the same end-of-turn tokens."""
-    sampling = (settings.temperature, settings.top_p) if settings.temperature > 0 else (0.0, None)
-    return sampling, tuple(served.chat_format.stop_token_ids)
+class Decoder:
+    """Rows decoded together one token a step: a row joins between two steps and leaves at the step it ends
+    (continuous batching), so that a long reply holds up no other and a finished or cancelled row frees its slot
+    at once.
 
+    `generate` decodes rows in lock-step from start to end; here each row keeps its own position and settings in one
+    key/value cache whose rows are padded on the left to a common length (the padding masked out).
+    """
 
-@torch.inference_mode()
-def generate_rows(pool: ModelPool, rows: Sequence[Row]) -> None:
-    """Generates every row's reply in one batched call; the rows must share a `batch_key`."""
-    if len({batch_key(row.served, row.settings) for row in rows}) != 1:
-        raise ValueError("rows with different sampling or end-of-turn tokens cannot share a batch")
-    model, first = pool.model, rows[0]
-    longest = max(len(row.prompt_ids) for row in rows)
-    most = max(row.settings.max_new_tokens for row in rows)
-    warning = arch.context_warning(model.config.to_dict(), longest + most)
-    if warning:
-        log.warning("%s", warning)
-    ids = [[pool.pad_token_id] * (longest - len(row.prompt_ids)) + row.prompt_ids for row in rows]
-    mask = [[0] * (longest - len(row.prompt_ids)) + [1] * len(row.prompt_ids) for row in rows]
-    options: dict[str, Any] = {}
-    if len(pool.adapters) > 1:
-        options["adapter_names"] = [row.served.adapter or BASE_ROW for row in rows]
-    settings = first.settings
-    if settings.temperature > 0:
-        options |= dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
-    else:
-        options |= dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    model.generate(
-        input_ids=torch.tensor(ids, device=model.device),
-        attention_mask=torch.tensor(mask, device=model.device),
-        stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]),
-        max_new_tokens=most,
-        eos_token_id=first.served.chat_format.stop_token_ids,
-        pad_token_id=pool.pad_token_id,
-        **options,
-    )
+    def __init__(self, pool: ModelPool):
+        self.pool = pool
+        self.rows: list[Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask = torch.zeros(0, 0, dtype=torch.long, device=pool.model.device)  # real (1) or padding (0)
+        self._positions = torch.zeros(0, dtype=torch.long, device=pool.model.device)  # each row's next position
+        self._cache_argument = _cache_argument(pool.model)
 
+    @torch.inference_mode()
+    def add(self, rows: Sequence[Row]) -> list[Row]:
+        """Reads the rows' prompts (one forward pass together) and gives each its first token; returns those that
+        ended on it."""
+        if not rows:
+            return []
+        width = max(len(row.prompt_ids) for row in rows)
+        device = self.pool.model.device
+        ids = torch.tensor([[self.pool.pad_token_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows])
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(rows, ids, mask, positions, cache)
+        self._join(rows, cache, mask, positions[:, -1] + 1)
+        return self._advance(rows, logits)
 
-class _RowsDone(StoppingCriteria):
-    """Hands each row its newest token and tells `generate` which rows have finished."""
+    @torch.inference_mode()
+    def step(self) -> list[Row]:
+        """One more token for every row; returns the rows that ended on it (they have left the batch)."""
+        last = torch.tensor([[row.new_ids[-1]] for row in self.rows], device=self.pool.model.device)
+        self._mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)
+        logits = self._forward(self.rows, last, self._mask, self._positions[:, None], self._cache)
+        self._positions += 1
+        return self._advance(self.rows, logits)
 
-    def __init__(self, rows: Sequence[Row]):
-        self.rows = rows
+    def _forward(
+        self, rows: Sequence[Row], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        options: dict[str, Any] = {self._cache_argument: cache}
+        if len(self.pool.adapters) > 1:
+            options["adapter_names"] = [row.served.adapter or BASE_ROW for row in rows]
+        output = self.pool.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **options,
+        )
+        return output.logits[:, -1].float()
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        for row, token in zip(self.rows, input_ids[:, -1].tolist(), strict=True):
+    def _advance(self, rows: Sequence[Row], logits: torch.Tensor) -> list[Row]:
+        """Hands each row its next token and lets the rows that ended leave."""
+        for row, token in zip(rows, _next_tokens(logits, rows), strict=True):
             row.take(token)
-        return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
+        ended = [row for row in self.rows if row.done]
+        if ended:
+            self._keep([index for index, row in enumerate(self.rows) if not row.done])
+        return ended
+
+    def _join(self, rows: Sequence[Row], cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        if self._cache is None or not self.rows:
+            self.rows, self._cache, self._mask, self._positions = list(rows), cache, mask, positions
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        pad = functools.partial(_pad_left, width=width, dim=2)
+        merged = [
+            tuple(torch.cat([pad(old), pad(new)]) for old, new in zip(a, b, strict=True))
+            for a, b in zip(_layers(self._cache), _layers(cache), strict=True)
+        ]
+        self._cache = DynamicCache(merged)
+        self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)])
+        self._positions = torch.cat([self._positions, positions])
+        self.rows += rows
+
+    def _keep(self, indices: list[int]) -> None:
+        """Only these rows stay; the cache loses the columns that only the others needed."""
+        self.rows = [self.rows[index] for index in indices]
+        if not self.rows:
+            self._cache = None
+            return
+        chosen = torch.tensor(indices, device=self._mask.device)
+        self._mask, self._positions = self._mask[chosen], self._positions[chosen]
+        unused = int(self._mask.any(dim=0).int().argmax())  # leading columns that are padding in every row
+        self._mask = self._mask[:, unused:]
+        self._cache = DynamicCache([(k[chosen, :, unused:], v[chosen, :, unused:]) for k, v in _layers(self._cache)])
+
+
+def generate_rows(pool: ModelPool, rows: Sequence[Row]) -> None:
+    """Every row's reply, the rows decoded together from start to end."""
+    decoder = Decoder(pool)
+    decoder.add(rows)
+    while decoder.rows:
+        decoder.step()
+
+
+def _next_tokens(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
+    """Greedy, or sampled with the row's own temperature and top-p (transformers' warpers)."""
+    tokens = logits.argmax(dim=-1)
+    for index, row in enumerate(rows):
+        if row.settings.temperature > 0:
+            scores = TemperatureLogitsWarper(row.settings.temperature)(None, logits[index : index + 1])
+            scores = TopPLogitsWarper(row.settings.top_p)(None, scores)
+            tokens[index] = torch.multinomial(scores.softmax(dim=-1), 1)[0, 0]
+    return tokens.tolist()
+
+
+def _cache_argument(model: PreTrainedModel) -> str:
+    """The forward argument that takes the key/value cache: transformers renamed `past_key_values` to `cache`."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's keys and values, [rows, heads, positions, head size]."""
+    return [(layer[0], layer[1]) for layer in cache]
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def _base_mismatches(first_name: str, first_dir: Path, others: list[tuple[str, Path]]) -> list[Problem]:

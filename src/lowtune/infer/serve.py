@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException
 
 from lowtune.data.read import Message
 from lowtune.errors import UserError
-from lowtune.infer.batch import ModelPool, Row, Served, batch_key, generate_rows
+from lowtune.infer.batch import Decoder, ModelPool, Row, Served
 from lowtune.infer.session import GenerationSettings
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,7 @@ class Job:
         self, served: Served, prompt: list[int], settings: GenerationSettings, stops: list[str], deadline: float
     ):
         self.served, self.prompt, self.settings, self.stops, self.deadline = served, prompt, settings, stops, deadline
+        self.arrived = time.monotonic()
         self.cancelled = threading.Event()  # the client went away: stop generating
         self._events: asyncio.Queue[str | Finished | APIError] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
@@ -181,8 +182,9 @@ class Job:
 
 
 class Worker:
-    """Generates the jobs' replies on one thread, in batches: the oldest waiting job and every waiting job that can
-    share its batch (`batch_key`: the same sampling and end of turn, any adapter), up to `max_batch` together.
+    """Generates the jobs' replies on one thread, continuously batched: up to `max_batch` jobs decode together, of
+    any adapter and sampling; a waiting job joins between two decoding steps and a finished, cancelled or timed-out
+    one leaves at once, so that its slot goes to the next job.
 
     Prompts come tokenized (`Tokenizing`); this thread only decodes the replies.
     """
@@ -190,9 +192,9 @@ class Worker:
     def __init__(self, pool: ModelPool, max_batch: int, batch_window: float = DEFAULT_BATCH_WINDOW):
         self.pool, self.max_batch, self.batch_window = pool, max_batch, batch_window
         self.largest_batch = 0  # for the log and the tests: batching happened
-        self.last_batch_seconds = 1.0  # how long the last batch took: what a client told to retry should wait
+        self.last_reply_seconds = 1.0  # how long the last reply took: what a client told to retry should wait
         self._waiting: list[Job] = []
-        self._running: list[Job] = []
+        self._running: dict[int, tuple[Job, Row]] = {}  # by id(row)
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="lowtune-generate", daemon=True)
@@ -214,28 +216,39 @@ class Worker:
     def close(self) -> None:
         with self._wake:
             self._closed = True
-            for job in self._running + self._waiting:
+            for job, _ in self._running.values():
+                job.cancelled.set()
+            for job in self._waiting:
                 job.cancelled.set()
             self._wake.notify()
 
     def _loop(self) -> None:
+        decoder = Decoder(self.pool)
         while True:
             with self._wake:
-                while not self._waiting and not self._closed:
+                while not self._waiting and not decoder.rows and not self._closed:
                     self._wake.wait()
-                self._gather()
-                if self._closed:
+                if not decoder.rows:
+                    self._gather()
+                if self._closed and not decoder.rows:
                     return
-                batch = self._take_batch()
-                self._running = batch
+                joining = self._admit(self.max_batch - len(decoder.rows))
             try:
-                self._run(batch)
-            finally:
-                self._running = []
+                ended = decoder.add(joining) + (decoder.step() if decoder.rows and not joining else [])
+            except Exception:
+                log.exception("generation failed")
+                self._fail_running()
+                decoder = Decoder(self.pool)
+                continue
+            for row in ended:
+                self._finish(*self._running.pop(id(row)))
+            if len(decoder.rows) > self.largest_batch:
+                self.largest_batch = len(decoder.rows)
+                log.info("generating %d requests together", len(decoder.rows))
 
     def _gather(self) -> None:
-        """Waits up to `batch_window` seconds for more requests to fill the batch (the lock held): clients that
-        start together reach the server milliseconds apart, and a batch cannot take in a request once it runs."""
+        """Waits up to `batch_window` seconds for more requests (the lock held) when none is running: clients that
+        start together reach the server milliseconds apart, and their prompts are read fastest in one pass."""
         deadline = time.monotonic() + self.batch_window
         while len(self._waiting) < self.max_batch and not self._closed:
             remaining = deadline - time.monotonic()
@@ -243,42 +256,32 @@ class Worker:
                 return
             self._wake.wait(remaining)
 
-    def _take_batch(self) -> list[Job]:
-        key = _job_key(self._waiting[0])
-        batch = [job for job in self._waiting if _job_key(job) == key][: self.max_batch]
-        self._waiting = [job for job in self._waiting if job not in batch]
-        for job in batch:
+    def _admit(self, free: int) -> list[Row]:
+        """The oldest waiting jobs, as many as there are free slots, as rows (the lock held)."""
+        joining, self._waiting = self._waiting[:free], self._waiting[free:]
+        rows = []
+        for job in joining:
             if job.timed_out:
                 job.send(_timeout_error())
-        return [job for job in batch if not job.stopped()]
+            elif not job.stopped():
+                row = Row(job.served, job.prompt, job.settings, job.send, job.stops, job.stopped)
+                self._running[id(row)] = (job, row)
+                rows.append(row)
+        return rows
 
-    def _run(self, batch: list[Job]) -> None:
-        rows = {job: Row(job.served, job.prompt, job.settings, job.send, job.stops, job.stopped) for job in batch}
-        if not rows:
+    def _finish(self, job: Job, row: Row) -> None:
+        self.last_reply_seconds = time.monotonic() - job.arrived
+        if job.timed_out and not (row.ended_turn or row.stopped_by_string):
+            job.send(_timeout_error())
             return
-        started = time.monotonic()
-        if len(rows) > self.largest_batch:
-            self.largest_batch = len(rows)
-            log.info("generating %d requests together", len(rows))
-        try:
-            generate_rows(self.pool, list(rows.values()))
-        except Exception:
-            log.exception("generation failed")
-            message = "the model failed to generate a reply (see the server log)"
-            for job in rows:
-                job.send(APIError(500, message, error_type="server_error"))
-            return
-        self.last_batch_seconds = time.monotonic() - started
-        for job, row in rows.items():
-            if job.timed_out and not (row.ended_turn or row.stopped_by_string):
-                job.send(_timeout_error())
-                continue
-            finish_reason = "stop" if row.ended_turn or row.stopped_by_string else "length"
-            job.send(Finished(len(row.prompt_ids), len(row.new_ids), finish_reason))
+        finish_reason = "stop" if row.ended_turn or row.stopped_by_string else "length"
+        job.send(Finished(len(row.prompt_ids), len(row.new_ids), finish_reason))
 
-
-def _job_key(job: Job) -> tuple[Any, ...]:
-    return batch_key(job.served, job.settings)
+    def _fail_running(self) -> None:
+        message = "the model failed to generate a reply (see the server log)"
+        for job, _ in self._running.values():
+            job.send(APIError(500, message, error_type="server_error"))
+        self._running.clear()
 
 
 def _timeout_error() -> APIError:
@@ -454,7 +457,7 @@ class BodyLimit:
 
 def _check_queue(worker: Worker, limits: Limits) -> None:
     if worker.waiting >= limits.max_queue:
-        retry = max(1, math.ceil(worker.last_batch_seconds))
+        retry = max(1, math.ceil(worker.last_reply_seconds))
         message = f"{worker.waiting} requests are waiting (this server's --max-queue); retry in {retry} s"
         raise APIError(
             429, message, code="queue_full", error_type="rate_limit_error", headers={"Retry-After": str(retry)}
