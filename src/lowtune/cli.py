@@ -149,7 +149,8 @@ def plan(
     model: Annotated[str | None, typer.Option("--model", help="Override model.path.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any override: section.key=value.")] = None,
 ) -> None:
-    """Every choice the run would make on this machine, and its peak GPU memory, before loading any weight."""
+    """Every choice the run would make on this machine, and its peak memory (GPU, or host memory on the CPU), before
+    loading any weight."""
     from lowtune.config import load_config
     from lowtune.train.preflight import check_before_loading
 
