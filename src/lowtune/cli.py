@@ -17,17 +17,24 @@ from rich.markup import escape
 
 from lowtune.errors import USAGE_EXIT_CODE, RunStopped, UserError
 
+# Plain (click) help: typer's rich panels label every flag `<bool>` as if it took a value, `--help` included.
+PLAIN_HELP = {"rich_markup_mode": None}
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Low-precision LoRA fine-tuning of chat models: one config, one command.",
+    **PLAIN_HELP,
 )
-convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints into standard Hugging Face folders.")
+convert_app = typer.Typer(
+    no_args_is_help=True, help="Convert checkpoints into standard Hugging Face folders.", **PLAIN_HELP
+)
 app.add_typer(convert_app, name="convert")
-data_app = typer.Typer(no_args_is_help=True, help="Look at training data before training on it.")
+data_app = typer.Typer(no_args_is_help=True, help="Look at training data before training on it.", **PLAIN_HELP)
 app.add_typer(data_app, name="data")
-export_app = typer.Typer(no_args_is_help=True, help="Write a run's model for other runtimes (llama.cpp, Ollama, vLLM).")
+export_app = typer.Typer(
+    no_args_is_help=True, help="Write a run's model for other runtimes (llama.cpp, Ollama, vLLM).", **PLAIN_HELP
+)
 app.add_typer(export_app, name="export")
 err_console = Console(stderr=True)
 INTERRUPTED = 130
@@ -72,14 +79,19 @@ def train(
 ) -> None:
     """Fine-tune a LoRA adapter as CONFIG says (defaults: the embedded model and data)."""
     from lowtune.config import load_config
-    from lowtune.recipe import run
+    from lowtune.train.preflight import check_before_loading
 
     overrides = [f"model.path={model}"] if model else []
     overrides += [f"data.files={_yaml_list(data)}"] if data else []
     overrides += [f"train.max_steps={max_steps}"] if max_steps is not None else []
     overrides += [f"train.save_steps={save_steps}"] if save_steps is not None else []
     overrides += [f"output_dir={output_dir}"] if output_dir else []
-    run(load_config(config, overrides + (set_ or [])), overwrite, err_console, resume, force)
+    run_config = load_config(config, overrides + (set_ or []))
+    records = check_before_loading(run_config, overwrite or resume is not None)  # user errors before torch loads
+    route_library_logging()
+    from lowtune.recipe import run
+
+    run(run_config, overwrite, err_console, resume, force, records)
 
 
 @app.command()
@@ -92,6 +104,7 @@ def chat(
     top_p: TopPOption = 1.0,
 ) -> None:
     """Chat with a trained adapter (history kept; /reset, /system TEXT, /exit)."""
+    route_library_logging()
     from lowtune.infer.chat import chat_loop
     from lowtune.infer.session import ChatModel, GenerationSettings
 
@@ -111,6 +124,7 @@ def generate(
     top_p: TopPOption = 1.0,
 ) -> None:
     """Answer one prompt (--prompt) or a file of prompts (--file)."""
+    route_library_logging()
     from lowtune.infer.chat import Conversation, generate_all, read_prompts
     from lowtune.infer.session import ChatModel, GenerationSettings
 
@@ -135,12 +149,18 @@ def plan(
     model: Annotated[str | None, typer.Option("--model", help="Override model.path.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any override: section.key=value.")] = None,
 ) -> None:
-    """Every choice the run would make on this machine, and its peak GPU memory, before loading any weight."""
+    """Every choice the run would make on this machine, and its peak memory (GPU, or host memory on the CPU), before
+    loading any weight."""
     from lowtune.config import load_config
-    from lowtune.recipe import prepare
+    from lowtune.train.preflight import check_before_loading
 
     overrides = [f"model.path={model}"] if model else []
-    resolved = prepare(load_config(config, overrides + (set_ or [])), check_output=False).resolved
+    run_config = load_config(config, overrides + (set_ or []))
+    records = check_before_loading(run_config, check_output=False)
+    route_library_logging()
+    from lowtune.recipe import prepare
+
+    resolved = prepare(run_config, check_output=False, records=records).resolved
     console = Console()
     console.print(resolved.table())
     if resolved.plan is not None:
@@ -185,6 +205,7 @@ def bench(
     ] = "offload",
 ) -> None:
     """Race the tutorial's recipe and lowtune's (and a peer's) on a Qwen-7B-shaped model, on this GPU."""
+    route_library_logging()
     from lowtune.bench.run import (
         CHECKPOINTING_SETTINGS,
         PEER,
@@ -233,6 +254,7 @@ def convert_qwen1(
     dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "bf16",
 ) -> None:
     """Write a Qwen-1 checkpoint as a standard Qwen2 folder that transformers and vLLM load."""
+    route_library_logging()
     from lowtune.model.arch.qwen1 import convert_qwen1 as convert
 
     convert(src, dst, dtype=dtype)
@@ -252,6 +274,7 @@ def eval_run(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Records per forward and generation.")] = 8,
 ) -> None:
     """Eval loss, perplexity, BLEU-4, ROUGE-L and stop rate on held-out records (writes eval_results.json)."""
+    route_library_logging()
     from lowtune.eval.evaluate import RESULTS_FILE_NAME, SAMPLES_FILE_NAME, evaluate_run, results_table
 
     results = evaluate_run(adapter, data, limit, base, max_new_tokens, batch_size, model)
@@ -268,6 +291,7 @@ def data_inspect(
     out: Annotated[Path | None, typer.Option("--out", help="Folder for the files (default: OUTPUT_DIR-data).")] = None,
 ) -> None:
     """Records, drops, duplicates, token lengths and trained spans of CONFIG's data; loads no model weights."""
+    route_library_logging()
     from lowtune.config import load_config
     from lowtune.eval.inspect import default_folder, inspect_data, print_inspection, save_inspection
 
@@ -308,6 +332,7 @@ def merge(
     The merged model is first compared with base + adapter as trained (greedy agreement and mean KL of the next
     tokens, written to merge_report.json); past the limits nothing is written, unless --force.
     """
+    route_library_logging()
     from lowtune.export.merge import merge_adapter
     from lowtune.export.merge_check import MergeCheck
     from lowtune.export.verify import Limits
@@ -332,6 +357,7 @@ def export_gguf(
     into: IntoOption = None,
 ) -> None:
     """One GGUF file (weights, tokenizer, the run's chat template and stop token) for llama.cpp and Ollama."""
+    route_library_logging()
     from lowtune.export.gguf import export_gguf as write
 
     written = write(out, gguf_type, adapter=adapter, model=model, model_path=base, overwrite=overwrite, into=into)
@@ -351,6 +377,7 @@ def export_ollama(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder.")] = False,
 ) -> None:
     """A folder for Ollama: the GGUF and a Modelfile (template of the run's chat format, system prompt, stops)."""
+    route_library_logging()
     from lowtune.export.ollama import export_ollama as write
 
     commands = write(out, gguf_type, adapter=adapter, model=model, model_path=base, name=name, overwrite=overwrite)
@@ -367,6 +394,7 @@ def export_vllm(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty --out folder.")] = False,
 ) -> None:
     """An adapter folder that vLLM's LoRA loader takes (its rules checked first), and the command that serves it."""
+    route_library_logging()
     from lowtune.export.vllm import export_vllm as write
 
     command = write(adapter, out, name=name, overwrite=overwrite)
@@ -413,6 +441,7 @@ def serve(
     ] = 10.0,
 ) -> None:
     """Serve models through an OpenAI-compatible API: /v1/chat/completions (streamed or not), /v1/models."""
+    route_library_logging()
     from lowtune.infer.batch import ModelPool
     from lowtune.infer.serve import Limits
     from lowtune.infer.serve import serve as serve_api
@@ -455,6 +484,12 @@ def setup_logging() -> None:
     # bitsandbytes warns at import that a hub-hosted CPU inference kernel is missing; lowtune never downloads.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def route_library_logging() -> None:
+    """transformers' warnings through lowtune's log, at warning level. Called by each command before it imports the
+    libraries (not at start-up: importing transformers, and with it torch, would slow `--help` and every user
+    error)."""
     import transformers
 
     transformers.logging.set_verbosity_warning()

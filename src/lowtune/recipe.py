@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import time
@@ -26,20 +25,21 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_
 from lowtune import __version__, internals
 from lowtune.config import ModelSettings, RunConfig, save_config
 from lowtune.data.encode import EncodedData, encode_examples
-from lowtune.data.read import Example, read_examples
-from lowtune.data.split import split_for_run
-from lowtune.data.templates import ChatFormat, build_chat_format, input_separator
-from lowtune.errors import RunStopped, UserError
-from lowtune.eval.evaluate import sample_generations
+from lowtune.data.read import Example
+from lowtune.data.templates import ChatFormat, build_chat_format
+from lowtune.errors import RunStopped
+from lowtune.eval.evaluate import RESULTS_FILE_NAME, SAMPLES_FILE_NAME, sample_generations
 from lowtune.eval.inspect import analyse_examples
 from lowtune.eval.report import write_report
 from lowtune.machine import Machine, this_machine
 from lowtune.model import arch
 from lowtune.model.attention import VARLEN
+from lowtune.model.default import portable_reference
 from lowtune.model.load import load_tokenizer, load_weights, resolve_model_path
-from lowtune.model.lora import attach_lora
+from lowtune.model.lora import attach_lora, name_base_portably
 from lowtune.model.summary import summary_table
 from lowtune.train.memory import GIB, MemoryPlan
+from lowtune.train.preflight import Records, check_before_loading
 from lowtune.train.resolve import Resolved, resolve_loading, resolve_run
 from lowtune.train.resume import (
     check_same_run,
@@ -49,7 +49,7 @@ from lowtune.train.resume import (
     save_fingerprint,
 )
 from lowtune.train.throughput import Throughput, ThroughputMeter
-from lowtune.train.trainer import GracefulStop, LowtuneTrainer, build_trainer
+from lowtune.train.trainer import TENSORBOARD_DIR_NAME, GracefulStop, LowtuneTrainer, build_trainer
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE_NAME = "run_summary.json"
@@ -70,18 +70,21 @@ class Setup:
 
 
 def prepare(
-    config: RunConfig, overwrite: bool = False, check_output: bool = True, machine: Machine | None = None
+    config: RunConfig,
+    overwrite: bool = False,
+    check_output: bool = True,
+    machine: Machine | None = None,
+    records: Records | None = None,
 ) -> Setup:
-    """Checks the output folder, reads and validates every record, encodes them, and resolves every choice of the
-    run for `machine` (this one by default); loads no weights."""
-    if check_output and int(os.environ.get("RANK", "0")) == 0:  # other processes would see the first one's files
-        check_output_dir(Path(config.output_dir), overwrite)
-    examples = read_examples(config.data.files, config.data.format, input_separator(config.data.template))
+    """Checks the output folder, reads and validates every record (or takes `records` that
+    `train/preflight.check_before_loading` read already), encodes them, and resolves every choice of the run for
+    `machine` (this one by default); loads no weights."""
+    records = records or check_before_loading(config, overwrite, check_output)
+    examples, train_examples, held_out = records.examples, records.train, records.held_out
     model_folder = resolve_model_path(config.model.path)
     tokenizer = load_tokenizer(config.model)
     chat_format = build_chat_format(config.data.template, tokenizer, config.data.system)
     log.info("chat format: %s (end of turn %s)", chat_format.name, chat_format.end_of_turn)
-    train_examples, held_out = split_for_run(config, examples)
     data = encode_examples(train_examples, chat_format, config.data.max_length, config.data.truncation)
     log.info(
         "%d records read, %d trained on (%d cut by max_length, %d dropped), %d trained tokens",
@@ -106,6 +109,7 @@ def run(
     console: Console | None = None,
     resume: str | None = None,
     force: bool = False,
+    records: Records | None = None,
 ) -> Path:
     """Trains a LoRA adapter as the config says and returns the output folder.
 
@@ -115,17 +119,19 @@ def run(
         console: where the model table and final message go.
         resume: "latest" (the newest complete checkpoint in output_dir) or a checkpoint folder.
         force: resume even if the config or data differ from the checkpoint's.
+        records: the records `check_before_loading` read already (the command line reads them before importing
+            torch), else read here.
     """
     console = console or Console(stderr=True)
     output = Path(config.output_dir)
-    setup = prepare(config, overwrite=overwrite or resume is not None)
+    setup = prepare(config, overwrite=overwrite or resume is not None, records=records)
     checkpoint = find_checkpoint(output, resume) if resume else None
     resolved = setup.resolved
     if checkpoint is not None:
         check_same_run(config, resolved, checkpoint, force)
         log.info("resuming from %s", checkpoint)
     elif overwrite:
-        remove_checkpoints(output)
+        remove_previous_run(output)
     remove_staging(output)
     model = load_weights(config.model, resolved.loading)
     align_special_tokens(model, setup.tokenizer)
@@ -214,8 +220,7 @@ def write_run_report(output: Path, config: RunConfig, setup: Setup, trainer: Tra
         model.get_base_model().set_attn_implementation("sdpa")
     shown = setup.held_out or setup.examples
     samples = sample_generations(model, setup.chat_format, shown, count=REPORT_SAMPLES, max_new_tokens=64)
-    data = analyse_examples(setup.examples, setup.chat_format, config.data.max_length)
-    data.held_out = len(setup.held_out)
+    data = analyse_examples(setup.examples, setup.chat_format, config.data.max_length, held_out=setup.held_out)
     write_report(output, config, trainer.state.log_history, data, samples)
 
 
@@ -226,17 +231,6 @@ def align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         config.eos_token_id = tokenizer.eos_token_id
 
 
-def check_output_dir(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise UserError.one("output_dir exists and is not a folder", output)
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise UserError.one(
-            "output_dir already holds a run",
-            output,
-            fix="choose another --output-dir, or pass --overwrite to replace it",
-        )
-
-
 def save_run(trainer: Trainer, config: RunConfig, setup: Setup, output: Path) -> None:
     """The adapter, tokenizer, chat format, config and choices: everything chat and merge need."""
     trainer.save_model(str(output))  # adapter and tokenizer
@@ -245,18 +239,28 @@ def save_run(trainer: Trainer, config: RunConfig, setup: Setup, output: Path) ->
 
 
 def save_run_files(config: RunConfig, chat_format: ChatFormat, resolved: Resolved, folder: Path) -> None:
-    """What makes a run or checkpoint folder self-contained: chat, merge and resume read these."""
+    """What makes a run or checkpoint folder self-contained: chat, merge and resume read these; the adapter names
+    its base portably, so that the folder copied to another machine loads there."""
+    name_base_portably(folder, portable_reference(config.model.path))
     save_config(config, folder)
     resolved.save(folder)
     chat_format.save(folder)
     save_fingerprint(config, folder)
 
 
-def remove_checkpoints(output: Path) -> None:
-    """--overwrite: the old run's checkpoints go (they could be resumed by mistake); other files are replaced."""
+def remove_previous_run(output: Path) -> None:
+    """--overwrite: what the old run wrote that the new one would not replace goes: its checkpoints (they could be
+    resumed by mistake), its TensorBoard logs (they would plot beside the new ones) and its evaluation results (of
+    the old adapter). Only these names inside output_dir; a link among them is unlinked, never followed."""
     for checkpoint in complete_checkpoints(output):
         shutil.rmtree(checkpoint)
-    log.info("--overwrite: removed the previous run's checkpoints in %s", output)
+    for name in (TENSORBOARD_DIR_NAME, RESULTS_FILE_NAME, SAMPLES_FILE_NAME):
+        path = output / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+    log.info("--overwrite: removed the previous run's checkpoints, TensorBoard logs and eval results in %s", output)
 
 
 def write_summary(

@@ -78,3 +78,30 @@ def test_text_histogram_counts_every_record_and_marks_the_cut():
     lines = text_histogram([10, 20, 20, 30, 100], max_length=50, bins=3).splitlines()
     assert [int(line.split()[-2 if line.endswith("✂") else -1]) for line in lines] == [4, 0, 1]
     assert [line.endswith("✂") for line in lines] == [False, True, True]
+
+
+def test_the_cut_never_splits_a_character(tmp_path, qwen_tokenizer):
+    """Byte-level tokens can end inside a multi-byte character; the rendered cut drops that piece (no U+FFFD)."""
+    chat_format = QwenFormat(qwen_tokenizer)
+    rare = "𠀀𠀁𠀂𠀃𠀄𠀅𠀆𠀇"  # 4-byte characters, each several tokens in Qwen's vocabulary
+    examples = read_examples([str(write_jsonl(tmp_path / "r.jsonl", [{"instruction": "你好", "output": rare}]))])
+    input_ids, _ = chat_format.encode(examples[0].messages)
+    splits = [n for n in range(1, len(input_ids)) if qwen_tokenizer.decode(input_ids[:n]).endswith("\ufffd")]
+    assert splits, "the test needs a cut inside a character"
+    for max_length in splits:
+        (sample,) = analyse_examples(examples, chat_format, max_length, 1).samples
+        assert "\ufffd" not in sample.plain() and sample.cut_tokens > 0
+        shown = sample.plain().split("assistant\n")[-1].split("✂")[0].strip(" ⟦⟧")
+        assert rare.startswith(shown)  # whole characters only
+
+
+def test_trained_tokens_leave_the_held_out_records_out(config):
+    report = inspect_data(config)
+    examples = read_examples(config.data.files)
+    from lowtune.data.split import split_for_run
+    from lowtune.model.load import load_tokenizer
+
+    train, held_out = split_for_run(config, examples)
+    chat_format = QwenFormat(load_tokenizer(config.model))
+    assert report.held_out == len(held_out) == 2
+    assert report.trained_tokens == encode_examples(train, chat_format, MAX_LENGTH).trained_tokens

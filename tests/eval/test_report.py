@@ -13,7 +13,7 @@ from lowtune.eval.inspect import analyse_examples
 from lowtune.eval.report import write_report
 from tests.conftest import MEMORISE, write_jsonl
 
-SUMMARY = {"steps": 30, "epochs": 7.5, "train_loss": 4.1, "first_logged_loss": 13.6, "last_logged_loss": 1.9}
+SUMMARY = {"steps": 30, "epochs": 7.54401805869, "train_loss": 4.1, "first_logged_loss": 13.6, "last_logged_loss": 1.9}
 
 
 def test_report_holds_every_part_and_its_figures(tmp_path, qwen_tokenizer):
@@ -26,7 +26,8 @@ def test_report_holds_every_part_and_its_figures(tmp_path, qwen_tokenizer):
     samples = [{"prompt": "你是谁？", "reference": "家父是大理寺少卿甄远道。", "response": "```a```", "stopped": False}]
     config = load_config(None, [f"output_dir={run}"])
     text = write_report(run, config, history, data, samples).read_text(encoding="utf-8")
-    assert "| steps | 30 |" in text and "| first / last logged loss | 13.6 / 1.9 |" in text
+    assert "| steps | 30 |" in text and "| epochs | 7.54 |" in text  # rounded to two decimals
+    assert "| first / last logged loss | 13.6 / 1.9 |" in text
     assert "![train and eval loss](loss.png)" in text and "Last eval loss: 1.5000 at step 2." in text
     assert "![token lengths](length_histogram.png)" in text and "| records read | 4 |" in text
     assert "Reply (ran to the token limit):\n\n````text\n```a```\n````" in text

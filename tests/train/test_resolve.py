@@ -279,8 +279,9 @@ def test_the_log_has_one_line_per_choice(caplog):
     resolved = resolve(on=machine(EPYC_AVX2))
     resolved.log()
     lines = [record.getMessage() for record in caplog.records]
-    assert len(lines) == len(resolved.choices()) + len(resolved.warnings)
+    assert len(lines) == len(resolved.choices()) + len(resolved.warnings) + 1  # and the plan's peak
     assert any(line.startswith("precision: fp32 (the CPU has no native bf16") for line in lines)
+    assert f"planned peak host memory {resolved.plan.total / GIB:.2f} GiB (CPU)" in lines
 
 
 # --- merged micro-batches -----------------------------------------------------------------------------------------

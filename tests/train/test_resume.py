@@ -255,15 +255,27 @@ def test_a_nan_gradient_stops_the_run_before_the_update(tmp_path, tiny_qwen2, mo
     assert all(torch.isfinite(t).all() for t in adapter(tmp_path / "run" / "checkpoint-2").values())
 
 
-def test_overwrite_replaces_the_old_runs_checkpoints(tmp_path, tiny_qwen2):
+def test_overwrite_replaces_the_old_runs_checkpoints_logs_and_results(tmp_path, tiny_qwen2):
     config = tiny_config(
         tiny_qwen2, write_jsonl(tmp_path / "m.jsonl", MEMORISE), tmp_path / "run", max_steps=4, save_steps=2
     )
-    run(config)
+    output = run(config)
+    (old_events,) = (output / "tensorboard").glob("events.out.tfevents.*")
+    (output / "eval_results.json").write_text("{}")  # the old adapter's `lowtune eval`
+    (output / "notes.txt").write_text("mine")  # not lowtune's: kept
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "samples.jsonl").write_text("outside the run folder")
+    (output / "eval_samples.jsonl").symlink_to(elsewhere / "samples.jsonl")  # a link is removed, not followed
     config.train.max_steps, config.train.save_steps = 1, 0
-    output = run(config, overwrite=True)
+    run(config, overwrite=True)
     assert complete_checkpoints(output) == []
     assert json.loads((output / "run_summary.json").read_text())["steps"] == 1
+    events = list((output / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and not old_events.exists()  # only the new run's curves in TensorBoard
+    assert not (output / "eval_results.json").exists() and not (output / "eval_samples.jsonl").is_symlink()
+    assert (output / "notes.txt").read_text() == "mine"
+    assert (elsewhere / "samples.jsonl").read_text() == "outside the run folder"
 
 
 def test_staging_folders_are_not_checkpoints(tmp_path):

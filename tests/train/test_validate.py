@@ -35,6 +35,7 @@ def test_eval_loss_is_the_token_weighted_mean_of_the_plain_loss(tmp_path, tiny_q
     packed = eval_loss(model, rows, PackedCollator(), batch_size=3)
     assert packed["eval_loss"] == pytest.approx(result["eval_loss"], rel=1e-5)
     done = []
-    eval_loss(model, rows, batch_size=3, progress=done.append)
-    assert done == [3, 4]  # records evaluated after each batch
+    eval_loss(model, rows, batch_size=3, progress=lambda records, tokens: done.append((records, tokens)))
+    lengths = sorted(len(row["input_ids"]) for row in rows)
+    assert done == [(3, sum(lengths[:3])), (4, sum(lengths))]  # records and input tokens evaluated after each batch
     assert result["eval_tokens"] == targets and result["eval_loss"] == pytest.approx(total / targets, rel=1e-5)

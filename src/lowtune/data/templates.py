@@ -18,12 +18,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any, Literal
 
 from lowtune.data.read import Message
 from lowtune.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: `lowtune train` reads and checks records before transformers is imported
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 FORMAT_FILE_NAME = "chat_format.json"

@@ -8,6 +8,7 @@ spans marked (the label audit: exactly what the loss sees, end-of-turn token inc
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ from rich.table import Table
 
 from lowtune.config import RunConfig
 from lowtune.data.read import Example, read_examples
-from lowtune.data.split import held_out_count
+from lowtune.data.split import split_for_run
 from lowtune.data.templates import IGNORE_INDEX, ChatFormat, build_chat_format, input_separator
 from lowtune.eval.plots import plot_length_histogram
 from lowtune.model.load import load_tokenizer
@@ -30,6 +31,8 @@ REPORT_FILE_NAME = "data_report.json"
 HISTOGRAM_FILE_NAME = "length_histogram.png"
 TEXT_FILE_NAME = "data_inspect.txt"
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
+REPLACEMENT = "\ufffd"  # what a piece of a multi-byte character decodes to
+CHARACTER_TOKENS = 4  # a UTF-8 character spans at most 4 bytes, so at most 4 byte-level tokens
 
 
 @dataclass
@@ -107,14 +110,10 @@ def inspect_data(config: RunConfig, sample_count: int = 3) -> DataReport:
     """
     separator = input_separator(config.data.template)
     examples = read_examples(config.data.files, config.data.format, separator)
+    _, held_out = split_for_run(config, examples)  # the split training makes
     tokenizer = load_tokenizer(config.model)
     chat_format = build_chat_format(config.data.template, tokenizer, config.data.system)
-    report = analyse_examples(examples, chat_format, config.data.max_length, sample_count)
-    if config.data.eval_files:
-        report.held_out = len(read_examples(config.data.eval_files, config.data.format, separator))
-    elif config.data.val_size > 0:
-        report.held_out = held_out_count(len(examples), config.data.val_size)
-    return report
+    return analyse_examples(examples, chat_format, config.data.max_length, sample_count, held_out)
 
 
 def default_folder(config: RunConfig) -> Path:
@@ -123,9 +122,17 @@ def default_folder(config: RunConfig) -> Path:
 
 
 def analyse_examples(
-    examples: Sequence[Example], chat_format: ChatFormat, max_length: int, sample_count: int = 3
+    examples: Sequence[Example],
+    chat_format: ChatFormat,
+    max_length: int,
+    sample_count: int = 3,
+    held_out: Sequence[Example] = (),
 ) -> DataReport:
-    """The statistics of `inspect_data` for examples already read (training calls this for its report)."""
+    """The statistics of `inspect_data` for examples already read (training calls this for its report).
+
+    `held_out`: the records kept for evaluation (among `examples`, or from eval files): their tokens are not counted
+    as trained, so that the trained tokens are those training logs and trains on."""
+    evaluated = {example.source for example in held_out}
     report = DataReport(
         files=dict(Counter(example.source.rsplit(":", 1)[0] for example in examples)),
         max_length=max_length,
@@ -134,6 +141,7 @@ def analyse_examples(
         truncated=[],
         dropped=[],
         duplicates=_duplicates(examples),
+        held_out=len(held_out),
     )
     encoded = [chat_format.encode(example.messages) for example in examples]
     for example, (input_ids, labels) in zip(examples, encoded, strict=True):
@@ -144,7 +152,8 @@ def analyse_examples(
         trained = sum(label != IGNORE_INDEX for label in labels[:max_length])
         if trained == 0:
             report.dropped.append(example.source)
-        report.trained_tokens += trained
+        if example.source not in evaluated:
+            report.trained_tokens += trained
     chosen = _sample_indices(examples, report.truncated, sample_count)
     report.samples = [_labelled(examples[i].source, *encoded[i], chat_format, max_length) for i in chosen]
     return report
@@ -214,10 +223,24 @@ def _labelled(
 ) -> LabelledSample:
     tokens = list(zip(input_ids[:max_length], labels[:max_length], strict=True))
     pieces = []
+    done = 0
     for trained, run in groupby(tokens, key=lambda pair: pair[1] != IGNORE_INDEX):
-        text = chat_format.tokenizer.decode([token for token, _ in run], skip_special_tokens=False)
-        pieces.append((text, trained))
+        ids = [token for token, _ in run]
+        done += len(ids)
+        pieces.append((_decoded(chat_format, ids, input_ids[done : done + CHARACTER_TOKENS]), trained))
     return LabelledSample(source, pieces, max(0, len(input_ids) - max_length))
+
+
+def _decoded(chat_format: ChatFormat, ids: list[int], following: list[int]) -> str:
+    """The text of `ids` without a character that the cut at max_length splits: byte-level tokens can end inside a
+    multi-byte character, which decodes as U+FFFD. What `ids` decode to alike with and without the `following`
+    tokens is whole."""
+    text = chat_format.tokenizer.decode(ids, skip_special_tokens=False)
+    if not following:
+        return text
+    longer = chat_format.tokenizer.decode(ids + following, skip_special_tokens=False)
+    whole = len(os.path.commonprefix([text, longer]))
+    return text[:whole] if text.endswith(REPLACEMENT) else text
 
 
 def _count(items: Sequence[str]) -> str:

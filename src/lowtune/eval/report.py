@@ -59,7 +59,7 @@ def _training(summary_file: Path) -> list[str]:
     summary = json.loads(summary_file.read_text(encoding="utf-8"))
     rows = {
         "steps": summary.get("steps"),
-        "epochs": summary.get("epochs"),
+        "epochs": _rounded(summary.get("epochs")),
         "train loss (mean)": summary.get("train_loss"),
         "first / last logged loss": f"{summary.get('first_logged_loss')} / {summary.get('last_logged_loss')}",
         "seconds": summary.get("seconds"),
@@ -67,6 +67,11 @@ def _training(summary_file: Path) -> list[str]:
         "peak memory (GiB)": summary.get("peak_memory_gib"),
     }
     return ["## Training", ""] + _table(rows.items()) + [""]
+
+
+def _rounded(value: float | None) -> float | None:
+    """Two decimals (0.1354401805 epochs reads 0.14); None stays None."""
+    return None if value is None else round(value, 2)
 
 
 def _losses(log_history: Sequence[Mapping[str, Any]]) -> list[str]:

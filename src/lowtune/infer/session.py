@@ -20,6 +20,7 @@ from lowtune.data.templates import FORMAT_FILE_NAME, ChatFormat, build_chat_form
 from lowtune.errors import UserError
 from lowtune.machine import this_machine
 from lowtune.model import arch
+from lowtune.model.default import HUB_ID
 from lowtune.model.load import DTYPES, dequantize, load_tokenizer, load_weights, read_tokenizer, resolve_model_path
 from lowtune.train.resolve import resolve_loading
 
@@ -161,7 +162,30 @@ def base_model_settings(adapter_dir: Path) -> ModelSettings:
             adapter_dir,
             fix="give the output_dir of a lowtune train run, or one of its checkpoint-N folders",
         )
-    return load_run_config(adapter_dir).model
+    settings = load_run_config(adapter_dir).model
+    if settings.path and not Path(settings.path).expanduser().is_dir():
+        settings.path = _moved_base(adapter_dir, settings.path)
+    return settings
+
+
+def _moved_base(adapter_dir: Path, path: str) -> str:
+    """A base folder that is not on this machine (the run folder was copied here): the adapter's portable reference
+    (adapter_config.json's hub id) where this machine has that model, else the path as it was (loading then says
+    what is missing)."""
+    adapter_config = adapter_dir / "adapter_config.json"
+    if not adapter_config.is_file():
+        return path
+    reference = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
+    if reference == path or not HUB_ID.fullmatch(reference):
+        return path
+    try:
+        folder = resolve_model_path(reference)
+    except UserError:
+        return path
+    log.info(
+        "the base model folder %s is not on this machine: using %s (%s), the adapter's base", path, reference, folder
+    )
+    return str(folder)
 
 
 def saved_precision(model_dir: Path) -> str:

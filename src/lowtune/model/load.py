@@ -16,9 +16,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lowtune import internals
 from lowtune.config import ModelSettings
-from lowtune.errors import UserError
 from lowtune.model import arch
-from lowtune.model.default import default_model_path
+from lowtune.model.default import resolve_model_path  # noqa: F401 (where callers have long imported it from)
 
 log = logging.getLogger(__name__)
 
@@ -56,26 +55,6 @@ class Loading:
             bnb_4bit_compute_dtype=DTYPES[self.compute_dtype or self.precision],
             **storage,
         )
-
-
-def resolve_model_path(path: str | Path | None) -> Path:
-    """The model folder; no path means the embedded default model."""
-    if path is None or str(path) == "":
-        return default_model_path()
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise UserError.one(
-            "model folder not found",
-            folder,
-            fix="give a local folder with config.json (model.path or --model); lowtune never downloads at run time",
-        )
-    if not (folder / "config.json").is_file():
-        raise UserError.one(
-            "no config.json in the model folder",
-            folder,
-            fix="point at the folder that holds config.json and the weights",
-        )
-    return folder
 
 
 def load_weights(settings: ModelSettings, loading: Loading) -> PreTrainedModel:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import PreTrainedModel
@@ -34,6 +37,28 @@ def attach_lora(
             f"lora.target_modules {targets!r} matches no layer of this model",
             fix="linear layers here: " + ", ".join(linear_module_names(model)),
         ) from None
+
+
+ADAPTER_CONFIG_FILE_NAME, MODEL_CARD_FILE_NAME = "adapter_config.json", "README.md"  # what peft writes
+
+
+def name_base_portably(folder: Path, reference: str) -> None:
+    """Rewrites the base that a saved adapter names (adapter_config.json's base_model_name_or_path, and peft's model
+    card) as `reference` (`model.default.portable_reference`) instead of this machine's folder. Done on the saved
+    files: peft saving with a hub id would look the id up on the hub to compare vocabularies."""
+    config_file = folder / ADAPTER_CONFIG_FILE_NAME
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    local = config.get("base_model_name_or_path")
+    if not local or local == reference:
+        return
+    config_file.write_text(
+        json.dumps(config | {"base_model_name_or_path": reference}, indent=2, sort_keys=True) + "\n", "utf-8"
+    )
+    card = folder / MODEL_CARD_FILE_NAME
+    if card.is_file():
+        card.write_text(card.read_text(encoding="utf-8").replace(local, reference), encoding="utf-8")
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:

@@ -1,4 +1,5 @@
-"""Predict the peak GPU memory of a run before anything is loaded (`lowtune plan`).
+"""Predict the peak GPU memory of a run before anything is loaded (`lowtune plan`), or on the CPU its peak host
+memory (resident set).
 
 Counted from the model family's shape (`model/arch`) and the run's choices, part by part:
 - weights: linear layers at their quantized size (NF4: 4 bits + one 8-bit scale per 64 weights and an fp32 per 256
@@ -12,6 +13,14 @@ Counted from the model family's shape (`model/arch`) and the run's choices, part
   the tensors each operation saves (see `saved_bytes_per_token`), and what a layer's backward pass adds;
 - loss: the hidden states and their gradient for the labelled tokens (the logits are chunked and never whole), and
   the chunk of logits that lowtune's chunked losses hold.
+
+On the CPU the same parts are counted as the CPU holds them, in host memory: activations in the compute dtype (fp32
+where the CPU has no native bf16), SwiGLU's output kept beside gate and up (no liger-kernel), eager attention's
+probabilities (records x heads x length^2 per layer) and its keys and values repeated to every head, and the
+process itself (`HOST_BASELINE`: Python, torch, transformers, the tokenizer and the records). Measured on the
+default example (bench/cpu_memory.py, its largest batch of 8 x 512 tokens first): 8.28 GiB with glibc's allocator
+returning freed memory at once (MALLOC_MMAP_THRESHOLD_=1048576), 9.9-10.1 GiB with its default, which keeps freed
+blocks for reuse (and up to 13.3 GiB when the largest batch comes twice in a row); planned 7.83 GiB.
 """
 
 from __future__ import annotations
@@ -30,6 +39,9 @@ GIB = 2**30
 BF16 = 2
 PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 LAYER_INPUTS_IN_FLIGHT = 2  # offloaded: the input of the layer in its backward pass, and the next one's, prefetched
+# A CPU run's process before any weight: Python, torch 2.13 (CPU), transformers 5.25, the tokenizer and the bundled
+# records; measured resident 0.70 GiB (bench/cpu_memory.py, "records and tokenizer").
+HOST_BASELINE = int(0.70 * GIB)
 
 
 @dataclass(frozen=True)
@@ -43,16 +55,26 @@ class MemoryPlan:
     checkpointing: Checkpointing
     layers: int
     host: float = 0.0  # pinned host memory that holds the offloaded layer inputs
+    device: str = "cuda"  # "cpu": the plan is of host memory, the process included
+    process: float = 0.0  # the process itself before any weight (CPU plans)
 
     @property
     def total(self) -> float:
         # The backward pass holds checkpoints and one layer's activations; the loss comes before it, on top of the
         # checkpoints only. The peak is the larger of the two phases.
-        return self.weights + self.adapters + self.checkpoints + max(self.activations, self.loss)
+        return self.process + self.weights + self.adapters + self.checkpoints + max(self.activations, self.loss)
 
-    def table(self, title: str = "Planned peak GPU memory") -> Table:
-        table = Table(title=title, show_header=False, title_justify="left")
+    @property
+    def memory(self) -> str:
+        """What the plan is of."""
+        return "host memory (CPU)" if self.device == "cpu" else "GPU memory"
+
+    def table(self, title: str | None = None) -> Table:
+        table = Table(title=title or f"Planned peak {self.memory}", show_header=False, title_justify="left")
+        table.add_row("device", "CPU (host memory)" if self.device == "cpu" else "GPU")
         table.add_row("tokens per micro-batch", f"{self.tokens:,}")
+        if self.device == "cpu":
+            table.add_row("process (Python, torch, tokenizer, records)", f"{self.process / GIB:.2f} GiB")
         for name in ("weights", "adapters", "checkpoints", "activations", "loss"):
             table.add_row(name, f"{getattr(self, name) / GIB:.2f} GiB")
         table.add_row("gradient checkpointing", self.checkpointing.describe(self.layers))
@@ -65,7 +87,8 @@ class MemoryPlan:
         """The plan in GiB, for resolved.yaml."""
         parts = {name: round(getattr(self, name) / GIB, 3) for name in ("weights", "adapters", "checkpoints")}
         parts |= {"activations": round(self.activations / GIB, 3), "loss": round(self.loss / GIB, 3)}
-        return parts | {"host": round(self.host / GIB, 3), "peak": round(self.total / GIB, 3), "tokens": self.tokens}
+        parts |= {"host": round(self.host / GIB, 3), "peak": round(self.total / GIB, 3), "tokens": self.tokens}
+        return parts | ({"device": "cpu", "process": round(self.process / GIB, 3)} if self.device == "cpu" else {})
 
 
 @dataclass(frozen=True)
@@ -84,14 +107,26 @@ class RunShape:
     loss: str = "liger"  # the loss kernel (train/loss.py): the chunked ones hold a chunk of logits
     dense_copy_bytes: int = 0  # the cached dense base weights (GroupKernels.dequantize_once)
     remake_down: bool = True  # the fused MLP makes down's input again in the backward pass (GroupKernels)
+    device: str = "cuda"  # "cpu": host memory, as the CPU holds the run (see the module docstring)
+    row_length: int = 0  # the longest row of the largest micro-batch (eager attention's probabilities grow with it)
+    attention: str = "sdpa"
 
     def plan(self, checkpointing: Checkpointing) -> MemoryPlan:
         shape, tokens = self.shape, self.tokens
-        layer_bytes = saved_bytes_per_token(shape, self.dropout, self.fused, self.remake_down) * tokens
+        on_cpu = self.device == "cpu"
+        # Activations in the compute dtype: bf16 on the GPU (autocast), the CPU's own (fp32 without native bf16).
+        width = PRECISION_BYTES[self.precision] if on_cpu else BF16
+        per_token = saved_bytes_per_token(shape, self.dropout, self.fused, self.remake_down) * width / BF16
+        if on_cpu:
+            per_token += width * shape.intermediate  # SwiGLU's output, kept by its own backward (no liger-kernel)
+            per_token += eager_bytes_per_token(shape, self.row_length, width) if self.attention == "eager" else 0
+        layer_bytes = per_token * tokens
         # A layer's backward pass holds the gradients of the MLP's three intermediate-wide tensors (SwiGLU output,
         # gate, up) at once, on top of what the layers keep: with it the plan is within 0.5% of the peak measured on
         # a 7B shape at 16k tokens, with and without checkpointing (bench/NOTES.md).
-        backward_bytes = 3 * shape.intermediate * BF16 * tokens
+        backward_bytes = 3 * shape.intermediate * width * tokens
+        if on_cpu and self.attention == "eager":  # the probabilities' gradient and the scores' it makes
+            backward_bytes += 2 * shape.heads * self.row_length * width * tokens
         layer_input = tokens * shape.hidden * BF16
         checkpointed = checkpointing.checkpointed(shape.layers)
         on_gpu = checkpointed if checkpointing.mode == "on" else min(checkpointed, LAYER_INPUTS_IN_FLIGHT)
@@ -108,6 +143,8 @@ class RunShape:
             checkpointing=checkpointing,
             layers=shape.layers,
             host=checkpointed * layer_input if checkpointing.mode == "offload" else 0.0,
+            device="cpu" if on_cpu else "cuda",
+            process=HOST_BASELINE if on_cpu else 0.0,
         )
 
 
@@ -158,6 +195,14 @@ def saved_bytes_per_token(shape: Shape, dropout: float, fused: bool, remake_down
         lora_inputs += BF16 * (q + 2 * kv + h + 2 * i + h)  # peft's clone of each 4-/8-bit output
         dropout_copies = 3 * (3 * h + q + 2 * h + i) if dropout else 0
     return kept + lora_inputs + dropout_copies
+
+
+def eager_bytes_per_token(shape: Shape, row_length: int, width: int) -> float:
+    """What eager attention keeps per token and layer beyond flash attention's q, k, v: the softmax's output (one
+    probability per head and key of the row) and the keys and values repeated to every query head."""
+    probabilities = shape.heads * row_length * width
+    repeated = 2 * (shape.q_width - shape.kv_width) * width
+    return probabilities + repeated
 
 
 def largest_batch_tokens(

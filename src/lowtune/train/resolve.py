@@ -158,6 +158,9 @@ class Resolved:
         for name, value in self.choices().items():
             reason = self.reasons.get(name)
             log.info("%s: %s%s", name.replace("_", " "), _show(value), f" ({reason})" if reason else "")
+        if self.plan is not None:
+            where = "CPU" if self.device == "cpu" else self.machine
+            log.info("planned peak %s %.2f GiB (%s)", self.plan.memory.split(" (")[0], self.plan.total / GIB, where)
         for warning in self.warnings:
             log.warning("%s", warning)
 
@@ -335,6 +338,9 @@ def resolve_run(
             fused=fused,
             loss=loss,
             dense_copy_bytes=_dense_copy_bytes(shape, compute) if base_weights == "cached" else 0,
+            device=device if on_gpu else "cpu",
+            row_length=max(lengths),
+            attention=attention,
         )
     if graphs and train.merge_micro_batches == "auto":
         decisions.why(

@@ -8,6 +8,7 @@ import shutil
 import signal
 import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,14 @@ from lowtune.model.attention import set_attention
 from lowtune.train.graphs import BUCKET, GraphedPasses
 from lowtune.train.kernels import apply_kernels
 from lowtune.train.loss import install_hidden_state_loss
-from lowtune.train.progress import RichProgressCallback
+from lowtune.train.progress import EVAL_EVENT, RichProgressCallback
 from lowtune.train.resolve import Resolved
 from lowtune.train.resume import STAGING_PREFIX, complete_checkpoints
 from lowtune.train.throughput import meter_throughput
 from lowtune.train.validate import eval_loss
 
 log = logging.getLogger(__name__)
+TENSORBOARD_DIR_NAME = "tensorboard"  # in the run folder
 
 
 def training_arguments(config: RunConfig, resolved: Resolved, evaluate: bool = False) -> TrainingArguments:
@@ -76,7 +78,8 @@ def training_arguments(config: RunConfig, resolved: Resolved, evaluate: bool = F
         logging_nan_inf_filter=False,  # a NaN loss must show (and stop the run), not be averaged away
         remove_unused_columns=False,
         dataloader_pin_memory=resolved.device != "cpu",
-        accelerator_config={"non_blocking": True},  # with pinned batches, no wait for the GPU at each copy
+        # with pinned batches, no wait for the GPU at each copy (on the CPU accelerate would warn of no pinning)
+        accelerator_config={"non_blocking": resolved.device != "cpu"},
         use_cpu=resolved.device == "cpu",
         bf16=resolved.autocast == "bf16",
         fp16=resolved.autocast == "fp16",
@@ -200,7 +203,9 @@ class LowtuneTrainer(Trainer):
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:
         rows = self.eval_dataset if eval_dataset is None else eval_dataset
         per_batch = max(1, len(self.train_dataset) // max(1, len(self.batch_sampler)))  # the training batches' size
-        result = eval_loss(self.model, rows, self.data_collator, per_batch)
+        total = (len(rows), sum(len(row["input_ids"]) for row in rows))
+        self._eval_progress(0, 0, total)
+        result = eval_loss(self.model, rows, self.data_collator, per_batch, partial(self._eval_progress, total=total))
         metrics = {
             f"{metric_key_prefix}_loss": result["eval_loss"],
             f"{metric_key_prefix}_perplexity": result["perplexity"],
@@ -208,6 +213,19 @@ class LowtuneTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def _eval_progress(self, records: int, tokens: int, total: tuple[int, int]) -> None:
+        """Tells the callbacks (the progress bar) how far the evaluation is, after each batch and before the first."""
+        self.callback_handler.call_event(
+            EVAL_EVENT,
+            self.args,
+            self.state,
+            self.control,
+            records_done=records,
+            records_total=total[0],
+            tokens_done=tokens,
+            tokens_total=total[1],
+        )
 
     def get_train_dataloader(self) -> DataLoader:
         """Every process plans the same global batches and takes its share of each (see the sampler), so that
@@ -321,5 +339,5 @@ def build_trainer(
     trainer.add_callback(GracefulStop())
     meter_throughput(trainer)  # after the callbacks that decide to evaluate, save or stop at a step's end
     if trainer.is_world_process_zero():
-        trainer.add_callback(TensorBoardCallback(SummaryWriter(str(Path(config.output_dir) / "tensorboard"))))
+        trainer.add_callback(TensorBoardCallback(SummaryWriter(str(Path(config.output_dir) / TENSORBOARD_DIR_NAME))))
     return trainer
