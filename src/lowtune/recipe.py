@@ -40,6 +40,7 @@ from lowtune.model.load import load_tokenizer, load_weights, resolve_model_path
 from lowtune.model.lora import attach_lora
 from lowtune.model.summary import summary_table
 from lowtune.train.memory import GIB, MemoryPlan
+from lowtune.train.metrics import METRICS_FILE_NAME
 from lowtune.train.resolve import Resolved, resolve_loading, resolve_run
 from lowtune.train.resume import (
     check_same_run,
@@ -256,6 +257,7 @@ def remove_checkpoints(output: Path) -> None:
     """--overwrite: the old run's checkpoints go (they could be resumed by mistake); other files are replaced."""
     for checkpoint in complete_checkpoints(output):
         shutil.rmtree(checkpoint)
+    (output / METRICS_FILE_NAME).unlink(missing_ok=True)  # a new history, not appended to the old one
     log.info("--overwrite: removed the previous run's checkpoints in %s", output)
 
 
