@@ -457,6 +457,34 @@ def serve(
     serve_api(pool, host=host, port=port, api_key=api_key, max_batch=max_batch, limits=limits)
 
 
+@app.command()
+def studio(
+    workspace: Annotated[
+        Path, typer.Option("--workspace", help="Folder of the configs, data and runs that the page may use.")
+    ] = Path("."),
+    model_dir: Annotated[
+        list[Path] | None, typer.Option("--model-dir", help="A model folder the page may train on (repeatable).")
+    ] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (not loopback: a token is required).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 7860,
+    token: Annotated[
+        str | None, typer.Option("--token", envvar="LOWTUNE_STUDIO_TOKEN", help="The page's token (default: made up).")
+    ] = None,
+) -> None:
+    """The whole job in a web page: new run, data, runs (live), chat, export; on this machine only by default."""
+    from lowtune.studio.app import serve_studio
+    from lowtune.studio.workspace import Workspace
+
+    if not workspace.is_dir():
+        raise UserError.one("--workspace is not a folder", workspace)
+    missing = [folder for folder in model_dir or [] if not folder.is_dir()]
+    if missing:
+        raise UserError.one(f"--model-dir {missing[0]} is not a folder")
+    serve_studio(Workspace.at(workspace, model_dir), host, port, token)
+
+
 def _named_folders(values: list[str], name: str | None) -> dict[str, Path]:
     """NAME=DIR or DIR (named by --name, else by the folder) for each --adapter, each name once."""
     if name is not None and len(values) > 1:

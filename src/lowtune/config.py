@@ -346,6 +346,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return _validated(raw, str(path) if path else "<defaults>", key_lines)
 
 
+def settings_from_overrides(overrides: list[str]) -> dict[str, Any]:
+    """The nested settings that `section.key=value` overrides give (what `lowtune studio`'s form sends), before
+    validation: what a config file holding only those would say."""
+    raw: dict[str, Any] = {}
+    for override in overrides:
+        _apply_override(raw, override)
+    return raw
+
+
+def validate_settings(raw: dict[str, Any], source: str) -> RunConfig:
+    """`raw` as a RunConfig; raises the UserError that `lowtune train` gives for the same settings."""
+    return _validated(raw, source, {})
+
+
 def load_run_config(folder: str | Path) -> RunConfig:
     """The config a run or checkpoint folder was trained with (its lowtune.yaml).
 

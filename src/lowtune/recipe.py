@@ -39,6 +39,7 @@ from lowtune.model.load import load_tokenizer, load_weights, resolve_model_path
 from lowtune.model.lora import attach_lora, name_base_portably
 from lowtune.model.summary import summary_table
 from lowtune.train.memory import GIB, MemoryPlan
+from lowtune.train.metrics import METRICS_FILE_NAME
 from lowtune.train.preflight import Records, check_before_loading
 from lowtune.train.resolve import Resolved, resolve_loading, resolve_run
 from lowtune.train.resume import (
@@ -254,13 +255,13 @@ def remove_previous_run(output: Path) -> None:
     the old adapter). Only these names inside output_dir; a link among them is unlinked, never followed."""
     for checkpoint in complete_checkpoints(output):
         shutil.rmtree(checkpoint)
-    for name in (TENSORBOARD_DIR_NAME, RESULTS_FILE_NAME, SAMPLES_FILE_NAME):
+    for name in (TENSORBOARD_DIR_NAME, RESULTS_FILE_NAME, SAMPLES_FILE_NAME, METRICS_FILE_NAME):
         path = output / name
         if path.is_symlink() or path.is_file():
             path.unlink()
         elif path.is_dir():
             shutil.rmtree(path)
-    log.info("--overwrite: removed the previous run's checkpoints, TensorBoard logs and eval results in %s", output)
+    log.info("--overwrite: removed the previous run's checkpoints, logs and eval results in %s", output)
 
 
 def write_summary(

@@ -409,7 +409,7 @@ def serve(
 
     SIGTERM (or Ctrl-C) stops taking connections, lets running requests finish for `limits.shutdown_timeout`
     seconds, cancels the rest and exits."""
-    if api_key is None and not _is_loopback(host):
+    if api_key is None and not is_loopback(host):
         log.warning("Serving on %s without an API key: anyone who can reach this port can use the model", host)
     names = ", ".join(repr(name) for name in pool.served)
     log.info("OpenAI-compatible API for %s at http://%s:%d/v1, up to %d requests a batch", names, host, port, max_batch)
@@ -587,7 +587,7 @@ def _param(location: tuple[int | str, ...]) -> str:
     return ".".join(part for part in parts if part not in UNION_MEMBERS and "[" not in part)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:

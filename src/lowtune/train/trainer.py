@@ -35,6 +35,7 @@ from lowtune.model.attention import set_attention
 from lowtune.train.graphs import BUCKET, GraphedPasses
 from lowtune.train.kernels import apply_kernels
 from lowtune.train.loss import install_hidden_state_loss
+from lowtune.train.metrics import MetricsFile
 from lowtune.train.progress import EVAL_EVENT, RichProgressCallback
 from lowtune.train.resolve import Resolved
 from lowtune.train.resume import STAGING_PREFIX, complete_checkpoints
@@ -337,7 +338,8 @@ def build_trainer(
     trainer.add_callback(RichProgressCallback())
     trainer.add_callback(FinalEvaluation())
     trainer.add_callback(GracefulStop())
-    meter_throughput(trainer)  # after the callbacks that decide to evaluate, save or stop at a step's end
+    meter = meter_throughput(trainer)  # after the callbacks that decide to evaluate, save or stop at a step's end
     if trainer.is_world_process_zero():
         trainer.add_callback(TensorBoardCallback(SummaryWriter(str(Path(config.output_dir) / TENSORBOARD_DIR_NAME))))
+        trainer.add_callback(MetricsFile(config.output_dir, meter))
     return trainer
