@@ -155,7 +155,8 @@ def test_the_form_loads_a_config_file_of_the_workspace(workspace):
     client = TestClient(create_app(workspace))
     values = client.get("/api/config/file", params={"path": "examples/huanhuan-qlora.yaml"}).json()["values"]
     assert values["model.quantization"] == "4bit" and values["output_dir"] == "runs/huanhuan-qlora"
-    overrides = [f"{key}={value}" for key, value in values.items() if "\n" not in value]
+    lists = {"data.files", "data.eval_files", "lora.target_modules"}  # sent as the page does: a YAML flow list
+    overrides = [f"{key}=[{value}]" if key in lists else f"{key}={value}" for key, value in values.items()]
     _, config, problems = checked_settings(overrides, workspace)
     assert problems == [] and config.model.quantization == "4bit"
     refused = client.get("/api/config/file", params={"path": str(example)})
