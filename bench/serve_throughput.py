@@ -138,11 +138,11 @@ def main() -> None:
     adapters = two_runs(args.model, Path(tempfile.mkdtemp()))
     records = [record for _, record in read_records(resolve_data_path("builtin:huanhuan"))]
     prompts = [record["instruction"] for record in records[-args.requests :]]
-    figures = {
+    figures = {  # each configuration's trees one after the other, so that they see the same machine
         f"{tree}batch {batch}, {clients} clients": measure(adapters, batch, clients, prompts, lengths, src)
-        for tree, src in trees.items()
         for batch in BATCHES
         for clients in CLIENTS
+        for tree, src in trees.items()
     }
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?")
