@@ -25,13 +25,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_
 
 from lowtune import __version__, internals
 from lowtune.config import ModelSettings, RunConfig, save_config
-from lowtune.data.encode import EncodedData, encode_examples
-from lowtune.data.read import Example, read_examples
-from lowtune.data.split import split_for_run
-from lowtune.data.templates import ChatFormat, build_chat_format, input_separator
+from lowtune.data.encode import EncodedData
+from lowtune.data.encoded import Records, Rows
+from lowtune.data.mix import Mixture
+from lowtune.data.run_data import check_files_exist, first_examples, prepare_data
+from lowtune.data.templates import ChatFormat, build_chat_format
 from lowtune.errors import RunStopped, UserError
 from lowtune.eval.evaluate import sample_generations
-from lowtune.eval.inspect import analyse_examples
+from lowtune.eval.inspect import analyse_records
 from lowtune.eval.report import write_report
 from lowtune.machine import Machine, this_machine
 from lowtune.model import arch
@@ -60,13 +61,14 @@ REPORT_SAMPLES = 3
 class Setup:
     """What a run needs before its weights load: the records, their encoding, the chat format, the choices."""
 
-    examples: list[Example]
+    records: Records  # every record drawn from data.files, held-out ones included
     tokenizer: PreTrainedTokenizerBase
     chat_format: ChatFormat
     data: EncodedData
-    held_out: list[Example]
-    held_out_rows: list[dict[str, list[int]]]
+    held_out: Records
+    held_out_rows: Rows | list
     resolved: Resolved
+    mixture: Mixture
 
 
 def prepare(
@@ -76,28 +78,36 @@ def prepare(
     run for `machine` (this one by default); loads no weights."""
     if check_output and int(os.environ.get("RANK", "0")) == 0:  # other processes would see the first one's files
         check_output_dir(Path(config.output_dir), overwrite)
-    examples = read_examples(config.data.files, config.data.format, input_separator(config.data.template))
+    check_files_exist(config.data.files + config.data.eval_files)
     model_folder = resolve_model_path(config.model.path)
     tokenizer = load_tokenizer(config.model)
     chat_format = build_chat_format(config.data.template, tokenizer, config.data.system)
     log.info("chat format: %s (end of turn %s)", chat_format.name, chat_format.end_of_turn)
-    train_examples, held_out = split_for_run(config, examples)
-    data = encode_examples(train_examples, chat_format, config.data.max_length, config.data.truncation)
+    prepared = prepare_data(config, chat_format)
+    data = prepared.train
     log.info(
         "%d records read, %d trained on (%d cut by max_length, %d dropped), %d trained tokens",
-        len(examples),
+        len(prepared.records),
         len(data.rows),
         data.truncated,
         len(data.dropped),
         data.trained_tokens,
     )
-    held_out_rows = encode_examples(held_out, chat_format, config.data.max_length).rows if held_out else []
-    if held_out:
-        log.info("%d records held out for evaluation", len(held_out))
+    if len(prepared.held_out):
+        log.info("%d records held out for evaluation", len(prepared.held_out))
     model_config = arch.read_model_config(model_folder)
     resolved = resolve_run(config, machine or this_machine(), model_config, data.lengths, chat_format.name)
     resolved.log()
-    return Setup(examples, tokenizer, chat_format, data, held_out, held_out_rows, resolved)
+    return Setup(
+        prepared.records,
+        tokenizer,
+        chat_format,
+        data,
+        prepared.held_out,
+        prepared.held_out_rows,
+        resolved,
+        prepared.mixture,
+    )
 
 
 def run(
@@ -122,7 +132,7 @@ def run(
     checkpoint = find_checkpoint(output, resume) if resume else None
     resolved = setup.resolved
     if checkpoint is not None:
-        check_same_run(config, resolved, checkpoint, force)
+        check_same_run(config, resolved, checkpoint, force, setup.mixture.digest())
         log.info("resuming from %s", checkpoint)
     elif overwrite:
         remove_checkpoints(output)
@@ -139,7 +149,7 @@ def run(
         setup.tokenizer,
         setup.data.rows,
         setup.held_out_rows,
-        checkpoint_files=partial(save_run_files, config, setup.chat_format, resolved),
+        checkpoint_files=partial(save_run_files, config, setup, resolved),
     )
     started = time.time()
     result = train_or_explain(trainer, checkpoint, resolved.plan)
@@ -212,10 +222,11 @@ def write_run_report(output: Path, config: RunConfig, setup: Setup, trainer: Tra
     model = trainer.model
     if internals.attention_implementation(model) == VARLEN:  # generation runs on padded prompts, not packed rows
         model.get_base_model().set_attn_implementation("sdpa")
-    shown = setup.held_out or setup.examples
+    shown = first_examples(setup.held_out if len(setup.held_out) else setup.records, REPORT_SAMPLES)
     samples = sample_generations(model, setup.chat_format, shown, count=REPORT_SAMPLES, max_new_tokens=64)
-    data = analyse_examples(setup.examples, setup.chat_format, config.data.max_length)
+    data = analyse_records(setup.records, setup.chat_format, config.data.max_length)
     data.held_out = len(setup.held_out)
+    data.mixture = setup.mixture.to_dict() if setup.mixture.is_drawn else []
     write_report(output, config, trainer.state.log_history, data, samples)
 
 
@@ -241,15 +252,15 @@ def save_run(trainer: Trainer, config: RunConfig, setup: Setup, output: Path) ->
     """The adapter, tokenizer, chat format, config and choices: everything chat and merge need."""
     trainer.save_model(str(output))  # adapter and tokenizer
     trainer.save_state()
-    save_run_files(config, setup.chat_format, setup.resolved, output)
+    save_run_files(config, setup, setup.resolved, output)
 
 
-def save_run_files(config: RunConfig, chat_format: ChatFormat, resolved: Resolved, folder: Path) -> None:
+def save_run_files(config: RunConfig, setup: Setup, resolved: Resolved, folder: Path) -> None:
     """What makes a run or checkpoint folder self-contained: chat, merge and resume read these."""
     save_config(config, folder)
     resolved.save(folder)
-    chat_format.save(folder)
-    save_fingerprint(config, folder)
+    setup.chat_format.save(folder)
+    save_fingerprint(config, folder, setup.mixture.digest())
 
 
 def remove_checkpoints(output: Path) -> None:
@@ -277,12 +288,13 @@ def write_summary(
         "last_logged_loss": losses[-1] if losses else None,
         "seconds": round(seconds, 1),
         "records": {
-            "read": len(setup.examples),
+            "read": len(setup.records),
             "trained": len(setup.data.rows),
             "truncated": setup.data.truncated,
             "dropped": len(setup.data.dropped),
         },
         "trained_tokens_per_epoch": setup.data.trained_tokens,
+        "mixture": setup.mixture.to_dict() if setup.mixture.is_drawn else None,
         "peak_memory_gib": round(throughput.peak_memory_gib, 3),  # read before the bf16 benchmark raised it
         "throughput": throughput.summary(),
         "device": setup.resolved.machine,

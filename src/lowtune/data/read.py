@@ -17,9 +17,19 @@ from typing import Any
 from lowtune.config import BUILTIN_DATA_PREFIX, DataFile, RecordFormat
 from lowtune.data.files import read_file_records, records_folder
 from lowtune.data.formats import Message, RecordError, to_messages
+from lowtune.data.mix import draw
 from lowtune.errors import Problem, UserError
 
-__all__ = ["Example", "Message", "RecordError", "read_examples", "read_records", "resolve_data_path", "to_example"]
+__all__ = [
+    "Example",
+    "Message",
+    "RecordError",
+    "file_conversations",
+    "read_examples",
+    "read_records",
+    "resolve_data_path",
+    "to_example",
+]
 MAX_REPORTED_PROBLEMS = 20
 BUILTIN_DATASETS = {"huanhuan": "huanhuan.json"}
 
@@ -50,7 +60,7 @@ def resolve_data_path(name: str) -> Path:
 
 
 def read_examples(
-    files: Sequence[str | DataFile], fmt: RecordFormat = "auto", input_separator: str = "\n"
+    files: Sequence[str | DataFile], fmt: RecordFormat = "auto", input_separator: str = "\n", seed: int = 0
 ) -> list[Example]:
     """Reads and validates every record of every file; raises one UserError listing all problems found.
 
@@ -58,12 +68,16 @@ def read_examples(
         files: paths (`builtin:NAME` for a bundled set), or DataFile entries that say how to read each.
         fmt: alpaca, chat, sharegpt, or auto (detected per record); for the files that do not state theirs.
         input_separator: how an alpaca record's `instruction` and non-empty `input` are joined into the user turn.
+        seed: train.seed, for the files with a weight or samples (a mixture; see `data/mix.py`).
     """
     examples: list[Example] = []
     problems: list[Problem] = []
-    for entry in files:
-        # Hook for mixtures (issue 16): each file's examples are whole here, where a weight or count would draw.
-        examples += _file_examples(DataFile.model_validate(entry), fmt, input_separator, problems)
+    for place, entry in enumerate(files):
+        file = DataFile.model_validate(entry)
+        path, conversations = file_conversations(file, fmt, input_separator, problems)
+        found = [Example(messages, f"{path}:{line}") for messages, line in conversations]
+        if not problems:
+            examples += [found[i] for i in draw(file, str(path), len(found), seed, place).indices.tolist()]
     if problems:
         raise UserError(problems)
     if not examples:
@@ -72,21 +86,28 @@ def read_examples(
     return examples
 
 
-def _file_examples(file: DataFile, fmt: RecordFormat, input_separator: str, problems: list[Problem]) -> list[Example]:
-    """The examples of one file; its bad records go to `problems` (reading stops at MAX_REPORTED_PROBLEMS)."""
+def file_conversations(
+    file: DataFile, fmt: RecordFormat, input_separator: str, problems: list[Problem]
+) -> tuple[Path, Iterator[tuple[tuple[Message, ...], int]]]:
+    """Where the records of one file are (checked to exist), and its (messages, line) pairs as they are read.
+
+    Bad records go to `problems` instead (reading stops with a UserError at MAX_REPORTED_PROBLEMS).
+    """
     path = records_folder(resolve_data_path(file.path), file.type)
-    record_format = file.format if file.format != "auto" else fmt
-    examples = []
+    return path, _conversations(path, file, file.format if file.format != "auto" else fmt, input_separator, problems)
+
+
+def _conversations(
+    path: Path, file: DataFile, record_format: RecordFormat, input_separator: str, problems: list[Problem]
+) -> Iterator[tuple[tuple[Message, ...], int]]:
     for line, record in read_file_records(path, file.type, file.columns):
         try:
-            messages = to_messages(record, record_format, input_separator, file.columns, file.roles)
-            examples.append(Example(tuple(messages), f"{path}:{line}"))
+            yield tuple(to_messages(record, record_format, input_separator, file.columns, file.roles)), line
         except RecordError as error:
             problems.append(Problem(error.message, path, line, error.fix))
         if len(problems) >= MAX_REPORTED_PROBLEMS:
             problems.append(Problem(f"stopped after {MAX_REPORTED_PROBLEMS} problems", path))
             raise UserError(problems)
-    return examples
 
 
 def read_records(path: str | Path) -> Iterator[tuple[int, Any]]:

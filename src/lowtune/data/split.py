@@ -45,10 +45,14 @@ def held_out_count(total: int, val_size: float) -> int:
     return 0
 
 
+def held_out_positions(total: int, val_size: float, seed: int) -> list[int]:
+    """The positions of the records held out of `total`: a seeded random draw, ascending."""
+    return sorted(random.Random(seed).sample(range(total), held_out_count(total, val_size)))
+
+
 def split_examples(examples: Sequence[Example], val_size: float, seed: int) -> tuple[list[Example], list[Example]]:
     """(train, held out): a seeded random draw, each side kept in file order."""
-    count = held_out_count(len(examples), val_size)
-    held = set(random.Random(seed).sample(range(len(examples)), count))
+    held = set(held_out_positions(len(examples), val_size, seed))
     train = [e for i, e in enumerate(examples) if i not in held]
     return train, [e for i, e in enumerate(examples) if i in held]
 
@@ -57,5 +61,6 @@ def split_for_run(config: RunConfig, examples: Sequence[Example]) -> tuple[list[
     """(train, held out) as a run makes them: data.eval_files when given, else val_size drawn from the examples."""
     if config.data.eval_files:
         separator = input_separator(config.data.template)
-        return list(examples), read_examples(config.data.eval_files, config.data.format, separator)
+        held_out = read_examples(config.data.eval_files, config.data.format, separator, config.train.seed)
+        return list(examples), held_out
     return split_examples(examples, config.data.val_size, config.train.seed)

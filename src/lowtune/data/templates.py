@@ -65,13 +65,32 @@ class ChatFormat(ABC):
 
     def encode(self, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
         """Token ids and labels of a whole conversation (labels are -100 outside trained segments)."""
-        input_ids: list[int] = []
-        labels: list[int] = []
-        for segment in self.segments(messages):
-            ids = self.token_ids(segment)
-            input_ids += ids
-            labels += ids if segment.trained else [IGNORE_INDEX] * len(ids)
-        return input_ids, labels
+        return self.encode_many([messages])[0]
+
+    def encode_many(self, conversations: Sequence[Sequence[Message]]) -> list[tuple[list[int], list[int]]]:
+        """`encode` of each conversation, with one tokenizer call for all their text segments of each kind (the
+        same ids: a fast tokenizer encodes every text of a batch on its own, in Rust, without a Python call each)."""
+        segments = [self.segments(messages) for messages in conversations]
+        texts: dict[bool, list[str]] = {True: [], False: []}  # split_special_tokens: the text segments, markup
+        for segment in (segment for each in segments for segment in each if segment.kind != "special"):
+            texts[segment.kind == "text"].append(segment.text)
+        ids = {split: iter(self._token_ids_of(texts[split], split) if texts[split] else ()) for split in (True, False)}
+        encoded = []
+        for each in segments:
+            input_ids: list[int] = []
+            labels: list[int] = []
+            for segment in each:
+                if segment.kind == "special":
+                    segment_ids = [self.special_id(segment.text)]
+                else:
+                    segment_ids = next(ids[segment.kind == "text"])
+                input_ids += segment_ids
+                labels += segment_ids if segment.trained else [IGNORE_INDEX] * len(segment_ids)
+            encoded.append((input_ids, labels))
+        return encoded
+
+    def _token_ids_of(self, texts: list[str], split_special_tokens: bool) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
 
     def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
         """Token ids of the prompt that asks the model for the next assistant reply."""

@@ -1,8 +1,9 @@
 """`lowtune data inspect`: what training will see, before any weight is loaded.
 
-Records read per file, those held out, those cut by max_length and those dropped because the cut left nothing to
-train on, exact duplicates, token-length statistics with a histogram, and a few records rendered with their trained
-spans marked (the label audit: exactly what the loss sees, end-of-turn token included).
+Records read per file (for a mixture: how many were drawn of how many), those held out, those cut by max_length and
+those dropped because the cut left nothing to train on, exact duplicates, token-length statistics with a histogram,
+and a few records rendered with their trained spans marked (the label audit: exactly what the loss sees, end-of-turn
+token included).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from lowtune.config import RunConfig
-from lowtune.data.read import Example, read_examples
+from lowtune.data.encoded import EncodedSet, Records, encode_conversations
+from lowtune.data.read import Example
+from lowtune.data.run_data import check_files_exist, read_run_files
 from lowtune.data.split import held_out_count
-from lowtune.data.templates import IGNORE_INDEX, ChatFormat, build_chat_format, input_separator
+from lowtune.data.templates import IGNORE_INDEX, ChatFormat, build_chat_format
 from lowtune.eval.plots import plot_length_histogram
 from lowtune.model.load import load_tokenizer
 
@@ -65,6 +68,7 @@ class DataReport:
     duplicates: list[tuple[str, str]]  # (source, source of its first copy)
     samples: list[LabelledSample] = field(default_factory=list)
     held_out: int = 0
+    mixture: list[dict] = field(default_factory=list)  # Drawn.to_dict() of each file, when any file is drawn
 
     @property
     def records(self) -> int:
@@ -84,7 +88,10 @@ class DataReport:
         """(what, value) lines shared by the terminal table, the text file and the run report."""
         stats = ", ".join(f"{key} {value:g}" for key, value in self.length_stats().items())
         lines = [("records read", f"{self.records}")]
-        lines += [(f"  {_short(name)}", f"{count}") for name, count in self.files.items()]
+        if self.mixture:
+            lines += [(f"  {_short(d['file'])}", _drawn(d)) for d in self.mixture]
+        else:
+            lines += [(f"  {_short(name)}", f"{count}") for name, count in self.files.items()]
         duplicates = [f"{_short(copy)} = {_short(first)}" for copy, first in self.duplicates]
         lines += [
             ("held out for evaluation", f"{self.held_out}"),
@@ -105,15 +112,20 @@ def inspect_data(config: RunConfig, sample_count: int = 3) -> DataReport:
 
     Validation errors stop here with a UserError, as they would stop training.
     """
-    separator = input_separator(config.data.template)
-    examples = read_examples(config.data.files, config.data.format, separator)
+    data = config.data
+    check_files_exist(data.files + data.eval_files)
     tokenizer = load_tokenizer(config.model)
-    chat_format = build_chat_format(config.data.template, tokenizer, config.data.system)
-    report = analyse_examples(examples, chat_format, config.data.max_length, sample_count)
-    if config.data.eval_files:
-        report.held_out = len(read_examples(config.data.eval_files, config.data.format, separator))
-    elif config.data.val_size > 0:
-        report.held_out = held_out_count(len(examples), config.data.val_size)
+    chat_format = build_chat_format(data.template, tokenizer, data.system)
+    drawn = read_run_files(config, data.files, chat_format)
+    report = analyse_records(drawn.records, chat_format, data.max_length, sample_count)
+    report.mixture = drawn.mixture.to_dict() if drawn.mixture.is_drawn else []
+    if data.eval_files:
+        evaluation = read_run_files(config, data.eval_files, chat_format)
+        report.held_out = len(evaluation.records)
+        evaluation.save_to_cache()
+    elif data.val_size > 0:
+        report.held_out = held_out_count(len(drawn.records), data.val_size)
+    drawn.save_to_cache()
     return report
 
 
@@ -125,28 +137,30 @@ def default_folder(config: RunConfig) -> Path:
 def analyse_examples(
     examples: Sequence[Example], chat_format: ChatFormat, max_length: int, sample_count: int = 3
 ) -> DataReport:
-    """The statistics of `inspect_data` for examples already read (training calls this for its report)."""
+    """The statistics of `inspect_data` for examples already read."""
+    builder = encode_conversations(((e.messages, 0) for e in examples), chat_format, max_length)
+    encoded = builder.build(names=[example.source for example in examples])
+    return analyse_records(Records.whole([encoded]), chat_format, max_length, sample_count)
+
+
+def analyse_records(records: Records, chat_format: ChatFormat, max_length: int, sample_count: int = 3) -> DataReport:
+    """The statistics of `inspect_data` for records already encoded (training calls this for its report)."""
+    lengths = records.per_record("full_lengths")
+    too_long = lengths > max_length
+    # The same rule as training_data: cut at max_length, drop what has no trained token left.
+    trained = records.per_record("trained_counts")
     report = DataReport(
-        files=dict(Counter(example.source.rsplit(":", 1)[0] for example in examples)),
+        files=_per_file(records),
         max_length=max_length,
-        lengths=[],
-        trained_tokens=0,
-        truncated=[],
-        dropped=[],
-        duplicates=_duplicates(examples),
+        lengths=lengths.tolist(),
+        trained_tokens=int(trained.sum()),
+        truncated=records.sources(too_long),
+        dropped=records.sources(trained == 0),
+        duplicates=_duplicates(records),
     )
-    encoded = [chat_format.encode(example.messages) for example in examples]
-    for example, (input_ids, labels) in zip(examples, encoded, strict=True):
-        report.lengths.append(len(input_ids))
-        if len(input_ids) > max_length:
-            report.truncated.append(example.source)
-        # The same rule as encode_examples: cut at max_length, drop what has no trained token left.
-        trained = sum(label != IGNORE_INDEX for label in labels[:max_length])
-        if trained == 0:
-            report.dropped.append(example.source)
-        report.trained_tokens += trained
-    chosen = _sample_indices(examples, report.truncated, sample_count)
-    report.samples = [_labelled(examples[i].source, *encoded[i], chat_format, max_length) for i in chosen]
+    chosen = _sample_indices(too_long, sample_count)
+    picked = list(records.where(_flags(len(records), chosen)))
+    report.samples = [_labelled(each, index, chat_format, max_length) for each, index in picked]
     return report
 
 
@@ -190,34 +204,60 @@ def print_inspection(report: DataReport, console: Console) -> None:
         console.print(sample.markup(), highlight=False)
 
 
-def _duplicates(examples: Sequence[Example]) -> list[tuple[str, str]]:
-    first: dict[tuple, str] = {}
-    found = []
-    for example in examples:
-        if example.messages in first:
-            found.append((example.source, first[example.messages]))
+def _per_file(records: Records) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for each, indices in records.parts:
+        if each.names is None:
+            counts[each.file] += len(indices)
         else:
-            first[example.messages] = example.source
-    return found
+            counts.update(each.names[index].rsplit(":", 1)[0] for index in indices.tolist())
+    return dict(counts)
 
 
-def _sample_indices(examples: Sequence[Example], truncated: list[str], count: int) -> list[int]:
+def _duplicates(records: Records) -> list[tuple[str, str]]:
+    """(source, source of its first copy) of each exact copy of an earlier record (by the messages' digests)."""
+    digests = records.per_record("digests")
+    _, first, inverse = np.unique(digests, return_index=True, return_inverse=True)
+    originals = first[inverse]  # (records,) the position of each record's first copy
+    copies = np.flatnonzero(originals != np.arange(len(digests)))
+    if not len(copies):
+        return []
+    sources = records.sources(_flags(len(digests), copies))
+    kept, back = np.unique(originals[copies], return_inverse=True)
+    first_sources = records.sources(_flags(len(digests), kept))
+    return [(source, first_sources[b]) for source, b in zip(sources, back.tolist(), strict=True)]
+
+
+def _flags(count: int, positions: Sequence[int] | np.ndarray) -> np.ndarray:
+    flags = np.zeros(count, dtype=np.bool_)
+    flags[np.asarray(positions, dtype=np.int64)] = True
+    return flags
+
+
+def _sample_indices(too_long: np.ndarray, count: int) -> list[int]:
     """The first records, one of them a truncated record when there is one: the cut is what needs auditing."""
-    chosen = list(range(min(count, len(examples))))
-    if truncated and chosen and not any(examples[i].source in truncated for i in chosen):
-        chosen[-1] = next(i for i, e in enumerate(examples) if e.source == truncated[0])
-    return chosen
+    chosen = list(range(min(count, len(too_long))))
+    truncated = np.flatnonzero(too_long)
+    if len(truncated) and chosen and not too_long[chosen].any():
+        chosen[-1] = int(truncated[0])
+    return sorted(chosen)
 
 
-def _labelled(
-    source: str, input_ids: list[int], labels: list[int], chat_format: ChatFormat, max_length: int
-) -> LabelledSample:
-    tokens = list(zip(input_ids[:max_length], labels[:max_length], strict=True))
+def _labelled(encoded: EncodedSet, index: int, chat_format: ChatFormat, max_length: int) -> LabelledSample:
+    row = encoded.row(index)
+    tokens = list(zip(row["input_ids"], row["labels"], strict=True))
     pieces = []
     for trained, run in groupby(tokens, key=lambda pair: pair[1] != IGNORE_INDEX):
         text = chat_format.tokenizer.decode([token for token, _ in run], skip_special_tokens=False)
         pieces.append((text, trained))
-    return LabelledSample(source, pieces, max(0, len(input_ids) - max_length))
+    return LabelledSample(encoded.source(index), pieces, max(0, int(encoded.full_lengths[index]) - max_length))
+
+
+def _drawn(drawn: dict) -> str:
+    """ "2000 of 10000 (weight 0.3)": a file's line of the summary in a mixture."""
+    how = f" (weight {drawn['weight']:g})" if drawn["weight"] is not None else ""
+    how += f" (samples {drawn['samples']})" if drawn["samples"] is not None else ""
+    return f"{drawn['drawn']} of {drawn['records']}{how}"
 
 
 def _count(items: Sequence[str]) -> str:
