@@ -87,11 +87,11 @@ class SetBuilder:
         self.ends, self.full_lengths, self.trained_counts = array("q"), array("i"), array("i")
         self.digests, self.lines = array("Q"), array("q")
 
-    def add(self, ids: list[int], labels: list[int], digest: int, line: int) -> None:
+    def add(self, ids: list[int], flags: bytes | bytearray, digest: int, line: int) -> None:
+        """One record: its ids and a byte a token (1: trained), before the cut to max_length."""
         self.full_lengths.append(len(ids))
-        ids, labels = ids[: self.max_length], labels[: self.max_length]
+        ids, flags = ids[: self.max_length], flags[: self.max_length]
         self.ids.extend(ids)
-        flags = bytes(label != IGNORE_INDEX for label in labels)
         self.trained += flags
         self.ends.append(len(self.ids))
         self.trained_counts.append(flags.count(1))
@@ -122,9 +122,9 @@ def encode_conversations(
     batch: list[tuple[Sequence[Message], int]] = []
 
     def flush() -> None:
-        encoded = chat_format.encode_many([messages for messages, _ in batch])
-        for (messages, line), (ids, labels) in zip(batch, encoded, strict=True):
-            builder.add(ids, labels, digest_of(messages), line)
+        encoded = chat_format.encode_flags([messages for messages, _ in batch])
+        for (messages, line), (ids, flags) in zip(batch, encoded, strict=True):
+            builder.add(ids, flags, digest_of(messages), line)
         batch.clear()
 
     for item in conversations:
