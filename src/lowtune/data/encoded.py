@@ -171,10 +171,10 @@ class Records:
             start += len(indices)
         return Records(parts)
 
-    def take(self, positions: Iterable[int]) -> Records:
-        """The records at these positions (of this sequence, ascending)."""
+    def take(self, positions: Sequence[int] | np.ndarray) -> Records:
+        """The records at these positions of this sequence (in this sequence's order, whatever theirs)."""
         keep = np.zeros(len(self), dtype=np.bool_)
-        keep[np.fromiter(positions, dtype=np.int64)] = True
+        keep[np.asarray(positions, dtype=np.int64)] = True
         return self.where(keep)
 
     def sources(self, keep: np.ndarray | None = None) -> list[str]:

@@ -159,7 +159,7 @@ def analyse_records(records: Records, chat_format: ChatFormat, max_length: int, 
         duplicates=_duplicates(records),
     )
     chosen = _sample_indices(too_long, sample_count)
-    picked = list(records.where(_flags(len(records), chosen)))
+    picked = list(records.take(chosen))
     report.samples = [_labelled(each, index, chat_format, max_length) for each, index in picked]
     return report
 
@@ -222,16 +222,10 @@ def _duplicates(records: Records) -> list[tuple[str, str]]:
     copies = np.flatnonzero(originals != np.arange(len(digests)))
     if not len(copies):
         return []
-    sources = records.sources(_flags(len(digests), copies))
+    sources = records.take(copies).sources()
     kept, back = np.unique(originals[copies], return_inverse=True)
-    first_sources = records.sources(_flags(len(digests), kept))
+    first_sources = records.take(kept).sources()
     return [(source, first_sources[b]) for source, b in zip(sources, back.tolist(), strict=True)]
-
-
-def _flags(count: int, positions: Sequence[int] | np.ndarray) -> np.ndarray:
-    flags = np.zeros(count, dtype=np.bool_)
-    flags[np.asarray(positions, dtype=np.int64)] = True
-    return flags
 
 
 def _sample_indices(too_long: np.ndarray, count: int) -> list[int]:
