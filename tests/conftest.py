@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +13,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from lowtune.model.qwen_tokenizer import build_qwen_tokenizer
+
+# Encoded-set caches of the tests (and of the lowtune processes they start) go to a folder of their own.
+os.environ.setdefault("LOWTUNE_DATA_CACHE", tempfile.mkdtemp(prefix="lowtune-test-cache-"))
 
 # GPU-only tests, run on the GPU machine with LOWTUNE_TEST_DEVICE=cuda (CUDA graphs have no CPU path to test).
 collect_ignore = [] if os.environ.get("LOWTUNE_TEST_DEVICE") == "cuda" else ["train/test_graphs.py"]

@@ -192,3 +192,36 @@ def test_a_held_out_count_as_large_as_the_data(tmp_path, tiny_qwen2, monkeypatch
     data.write_text(GOOD, encoding="utf-8")
     code, err = train_cli(monkeypatch, capsys, tmp_path, tiny_qwen2, data, "--set", "data.val_size=3")
     assert_clean_refusal(code, err, tmp_path / "run", "data.val_size=3 holds out 3 records, and the data has 1")
+
+
+MIX = "data.files=[{path: %s, %s}]"
+# name: (how the file is drawn, what the message says); the file holds one record
+MIX_CASES = {
+    "weight and samples both": ("weight: 0.5, samples: 1", "weight 0.5 and samples 1 both given"),
+    "weight of 0": ("weight: 0", "weight: Input should be greater than 0"),
+    "weight above 1": ("weight: 2", "weight: Input should be less than or equal to 1"),
+    "more samples than records": ("samples: 5", "samples: 5 asks for more records than the file has (1)"),
+}
+
+
+@pytest.mark.parametrize("case", list(MIX_CASES))
+def test_bad_mixtures(case, tmp_path, tiny_qwen2, monkeypatch, capsys):
+    drawn, needle = MIX_CASES[case]
+    data = tmp_path / "d.jsonl"
+    data.write_text(GOOD, encoding="utf-8")
+    code, err = train_cli(monkeypatch, capsys, tmp_path, tiny_qwen2, data, "--set", MIX % (data, drawn))
+    assert_clean_refusal(code, err, tmp_path / "run", needle)
+
+
+def test_samples_of_a_file_that_is_not_there(tmp_path, tiny_qwen2, monkeypatch, capsys):
+    data, missing = tmp_path / "d.jsonl", tmp_path / "missing.jsonl"
+    data.write_text(GOOD, encoding="utf-8")
+    code, err = train_cli(monkeypatch, capsys, tmp_path, tiny_qwen2, data, "--set", MIX % (missing, "samples: 1"))
+    assert_clean_refusal(code, err, tmp_path / "run", str(missing), "data file not found")
+
+
+def test_a_bad_line_past_the_first_chunks_of_a_streamed_file(tmp_path, tiny_qwen2, monkeypatch, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(GOOD.replace("\n", "\r").encode() * 30_000 + b'{"instruction": "q", "output": \r')
+    code, err = train_cli(monkeypatch, capsys, tmp_path, tiny_qwen2, data)
+    assert_clean_refusal(code, err, tmp_path / "run", f"{data}:30001", "not valid JSON")

@@ -42,3 +42,12 @@ def test_the_data_mapping_example_validates(tmp_path):
     (tmp_path / "c.yaml").write_text(block, encoding="utf-8")
     files = load_config(tmp_path / "c.yaml").data.files
     assert [file.format for file in files] == ["auto", "auto", "sharegpt"] and files[2].roles["agent"] == "assistant"
+
+
+def test_the_mixture_example_validates(tmp_path):
+    from lowtune.config import load_config
+
+    block = README.split("**Mixtures.**", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "c.yaml").write_text(block, encoding="utf-8")
+    files = load_config(tmp_path / "c.yaml").data.files
+    assert [(file.weight, file.samples) for file in files] == [(0.2, None), (None, 5000), (None, None)]

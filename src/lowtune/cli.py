@@ -87,11 +87,11 @@ def train(
     overrides += [f"train.save_steps={save_steps}"] if save_steps is not None else []
     overrides += [f"output_dir={output_dir}"] if output_dir else []
     run_config = load_config(config, overrides + (set_ or []))
-    records = check_before_loading(run_config, overwrite or resume is not None)  # user errors before torch loads
+    checked = check_before_loading(run_config, overwrite or resume is not None)  # user errors before torch loads
     route_library_logging()
     from lowtune.recipe import run
 
-    run(run_config, overwrite, err_console, resume, force, records)
+    run(run_config, overwrite, err_console, resume, force, checked)
 
 
 @app.command()
@@ -156,11 +156,11 @@ def plan(
 
     overrides = [f"model.path={model}"] if model else []
     run_config = load_config(config, overrides + (set_ or []))
-    records = check_before_loading(run_config, check_output=False)
+    checked = check_before_loading(run_config, check_output=False)
     route_library_logging()
     from lowtune.recipe import prepare
 
-    resolved = prepare(run_config, check_output=False, records=records).resolved
+    resolved = prepare(run_config, check_output=False, checked=checked).resolved
     console = Console()
     console.print(resolved.table())
     if resolved.plan is not None:

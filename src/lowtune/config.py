@@ -139,7 +139,19 @@ class DataFile(_Section):
         description="The file's role names (chat, sharegpt) besides the usual ones: {its name: system, user or "
         "assistant}, e.g. {customer: user, agent: assistant}.",
     )
-    # Hook for mixtures (issue 16): a weight or a record count per file would be fields here, drawn in read_examples.
+    weight: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Mixtures: the share of this file's records to draw (above 0, at most 1), without replacement, "
+        "with train.seed; empty: every record (not with samples).",
+    )
+    samples: int | None = Field(
+        None,
+        gt=0,
+        description="Mixtures: how many of this file's records to draw, without replacement, with train.seed (at "
+        "most the file's record count); empty: every record (not with weight).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -164,6 +176,14 @@ class DataFile(_Section):
             raise ValueError("roles apply to the chat and sharegpt formats, not alpaca")
         return self
 
+    @field_validator("samples")
+    @classmethod
+    def _one_way_to_draw(cls, samples: int | None, info: ValidationInfo) -> int | None:
+        weight = info.data.get("weight")
+        if samples is not None and weight is not None:
+            raise ValueError(f"weight {weight:g} and samples {samples} both given: a file is drawn one way")
+        return samples
+
     @model_serializer(mode="wrap")
     def _only_the_path_as_a_string(self, handler: Any) -> Any:
         fields = DataFile.model_fields.items()
@@ -177,10 +197,10 @@ class DataFile(_Section):
 class DataSettings(_Section):
     files: list[DataFile] = Field(
         default_factory=lambda: [DataFile(path=f"{BUILTIN_DATA_PREFIX}huanhuan")],
-        description="Training files: paths, or mappings {path, type, format, columns, roles} (see data.files "
-        "entries). JSON, JSONL, CSV, TSV, Parquet or a datasets save_to_disk folder, holding alpaca (instruction, "
-        "input, output[, system, history]), chat (messages) or sharegpt (conversations) records. builtin:huanhuan "
-        "is the bundled Chat-甄嬛 set.",
+        description="Training files: paths, or mappings {path, type, format, columns, roles, weight, samples} (see "
+        "data.files entries). JSON, JSONL, CSV, TSV, Parquet or a datasets save_to_disk folder, holding alpaca "
+        "(instruction, input, output[, system, history]), chat (messages) or sharegpt (conversations) records. "
+        "builtin:huanhuan is the bundled Chat-甄嬛 set.",
     )
     format: RecordFormat = Field(
         "auto", description="Record format of the files that do not state theirs; auto: told by each record's keys."
@@ -483,7 +503,12 @@ def _problem_from(error: dict[str, Any], source: str, key_lines: dict[tuple[str,
     if error["type"] == "extra_forbidden":
         message = f"unknown key {key!r}"
         return Problem(message, source, line, fix=_known_keys_hint(parts))
-    return Problem(f"{key}: {message}", source, line)
+    return Problem(f"{key}: {message}", source, line, fix=FIELD_FIXES.get(str(parts[-1])))
+
+
+MIX_FIX = "give a file weight: W (a share above 0 and at most 1 of its records) or samples: N (a count), not both"
+# The fix printed under a schema error of these fields (other fields' messages say what is allowed).
+FIELD_FIXES = {"weight": MIX_FIX, "samples": MIX_FIX}
 
 
 def _line_of(location: tuple[str, ...], key_lines: dict[tuple[str, ...], int]) -> int | None:

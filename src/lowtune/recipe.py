@@ -24,12 +24,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_
 
 from lowtune import __version__, internals
 from lowtune.config import ModelSettings, RunConfig, save_config
-from lowtune.data.encode import EncodedData, encode_examples
-from lowtune.data.read import Example
+from lowtune.data.encode import EncodedData
+from lowtune.data.encoded import Records, Rows
+from lowtune.data.mix import Mixture
+from lowtune.data.run_data import first_examples, prepare_data
 from lowtune.data.templates import ChatFormat, build_chat_format
 from lowtune.errors import RunStopped
 from lowtune.eval.evaluate import RESULTS_FILE_NAME, SAMPLES_FILE_NAME, sample_generations
-from lowtune.eval.inspect import analyse_examples
+from lowtune.eval.inspect import analyse_records
 from lowtune.eval.report import write_report
 from lowtune.machine import Machine, this_machine
 from lowtune.model import arch
@@ -40,7 +42,7 @@ from lowtune.model.lora import attach_lora, name_base_portably
 from lowtune.model.summary import summary_table
 from lowtune.train.memory import GIB, MemoryPlan
 from lowtune.train.metrics import METRICS_FILE_NAME
-from lowtune.train.preflight import Records, check_before_loading
+from lowtune.train.preflight import CheckedData, check_paths
 from lowtune.train.resolve import Resolved, resolve_loading, resolve_run
 from lowtune.train.resume import (
     check_same_run,
@@ -61,13 +63,14 @@ REPORT_SAMPLES = 3
 class Setup:
     """What a run needs before its weights load: the records, their encoding, the chat format, the choices."""
 
-    examples: list[Example]
+    records: Records  # every record drawn from data.files, held-out ones included
     tokenizer: PreTrainedTokenizerBase
     chat_format: ChatFormat
     data: EncodedData
-    held_out: list[Example]
-    held_out_rows: list[dict[str, list[int]]]
+    held_out: Records
+    held_out_rows: Rows | list
     resolved: Resolved
+    mixture: Mixture
 
 
 def prepare(
@@ -75,33 +78,45 @@ def prepare(
     overwrite: bool = False,
     check_output: bool = True,
     machine: Machine | None = None,
-    records: Records | None = None,
+    checked: CheckedData | None = None,
 ) -> Setup:
-    """Checks the output folder, reads and validates every record (or takes `records` that
-    `train/preflight.check_before_loading` read already), encodes them, and resolves every choice of the run for
-    `machine` (this one by default); loads no weights."""
-    records = records or check_before_loading(config, overwrite, check_output)
-    examples, train_examples, held_out = records.examples, records.train, records.held_out
+    """Checks the output folder, reads and validates every record as it encodes it (or reads the encoded set from
+    the cache), and resolves every choice of the run for `machine` (this one by default); loads no weights.
+
+    `checked`: what `train/preflight.check_before_loading` found (the command line validates every record before
+    importing torch, and the files are read again here to encode them); without it only the paths are checked first.
+    """
+    if checked is None:
+        check_paths(config, overwrite, check_output)
     model_folder = resolve_model_path(config.model.path)
     tokenizer = load_tokenizer(config.model)
     chat_format = build_chat_format(config.data.template, tokenizer, config.data.system)
     log.info("chat format: %s (end of turn %s)", chat_format.name, chat_format.end_of_turn)
-    data = encode_examples(train_examples, chat_format, config.data.max_length, config.data.truncation)
+    prepared = prepare_data(config, chat_format)
+    data = prepared.train
     log.info(
         "%d records read, %d trained on (%d cut by max_length, %d dropped), %d trained tokens",
-        len(examples),
+        len(prepared.records),
         len(data.rows),
         data.truncated,
         len(data.dropped),
         data.trained_tokens,
     )
-    held_out_rows = encode_examples(held_out, chat_format, config.data.max_length).rows if held_out else []
-    if held_out:
-        log.info("%d records held out for evaluation", len(held_out))
+    if len(prepared.held_out):
+        log.info("%d records held out for evaluation", len(prepared.held_out))
     model_config = arch.read_model_config(model_folder)
     resolved = resolve_run(config, machine or this_machine(), model_config, data.lengths, chat_format.name)
     resolved.log()
-    return Setup(examples, tokenizer, chat_format, data, held_out, held_out_rows, resolved)
+    return Setup(
+        prepared.records,
+        tokenizer,
+        chat_format,
+        data,
+        prepared.held_out,
+        prepared.held_out_rows,
+        resolved,
+        prepared.mixture,
+    )
 
 
 def run(
@@ -110,7 +125,7 @@ def run(
     console: Console | None = None,
     resume: str | None = None,
     force: bool = False,
-    records: Records | None = None,
+    checked: CheckedData | None = None,
 ) -> Path:
     """Trains a LoRA adapter as the config says and returns the output folder.
 
@@ -120,16 +135,16 @@ def run(
         console: where the model table and final message go.
         resume: "latest" (the newest complete checkpoint in output_dir) or a checkpoint folder.
         force: resume even if the config or data differ from the checkpoint's.
-        records: the records `check_before_loading` read already (the command line reads them before importing
-            torch), else read here.
+        checked: what `check_before_loading` found (the command line checks the records before importing torch),
+            else they are checked here.
     """
     console = console or Console(stderr=True)
     output = Path(config.output_dir)
-    setup = prepare(config, overwrite=overwrite or resume is not None, records=records)
+    setup = prepare(config, overwrite=overwrite or resume is not None, checked=checked)
     checkpoint = find_checkpoint(output, resume) if resume else None
     resolved = setup.resolved
     if checkpoint is not None:
-        check_same_run(config, resolved, checkpoint, force)
+        check_same_run(config, resolved, checkpoint, force, setup.mixture.digest())
         log.info("resuming from %s", checkpoint)
     elif overwrite:
         remove_previous_run(output)
@@ -146,7 +161,7 @@ def run(
         setup.tokenizer,
         setup.data.rows,
         setup.held_out_rows,
-        checkpoint_files=partial(save_run_files, config, setup.chat_format, resolved),
+        checkpoint_files=partial(save_run_files, config, setup, resolved),
     )
     started = time.time()
     result = train_or_explain(trainer, checkpoint, resolved.plan)
@@ -219,9 +234,10 @@ def write_run_report(output: Path, config: RunConfig, setup: Setup, trainer: Tra
     model = trainer.model
     if internals.attention_implementation(model) == VARLEN:  # generation runs on padded prompts, not packed rows
         model.get_base_model().set_attn_implementation("sdpa")
-    shown = setup.held_out or setup.examples
+    shown = first_examples(setup.held_out if len(setup.held_out) else setup.records, REPORT_SAMPLES)
     samples = sample_generations(model, setup.chat_format, shown, count=REPORT_SAMPLES, max_new_tokens=64)
-    data = analyse_examples(setup.examples, setup.chat_format, config.data.max_length, held_out=setup.held_out)
+    data = analyse_records(setup.records, setup.chat_format, config.data.max_length, held_out=setup.held_out)
+    data.mixture = setup.mixture.to_dict() if setup.mixture.is_drawn else []
     write_report(output, config, trainer.state.log_history, data, samples)
 
 
@@ -236,17 +252,17 @@ def save_run(trainer: Trainer, config: RunConfig, setup: Setup, output: Path) ->
     """The adapter, tokenizer, chat format, config and choices: everything chat and merge need."""
     trainer.save_model(str(output))  # adapter and tokenizer
     trainer.save_state()
-    save_run_files(config, setup.chat_format, setup.resolved, output)
+    save_run_files(config, setup, setup.resolved, output)
 
 
-def save_run_files(config: RunConfig, chat_format: ChatFormat, resolved: Resolved, folder: Path) -> None:
+def save_run_files(config: RunConfig, setup: Setup, resolved: Resolved, folder: Path) -> None:
     """What makes a run or checkpoint folder self-contained: chat, merge and resume read these; the adapter names
     its base portably, so that the folder copied to another machine loads there."""
     name_base_portably(folder, portable_reference(config.model.path))
     save_config(config, folder)
     resolved.save(folder)
-    chat_format.save(folder)
-    save_fingerprint(config, folder)
+    setup.chat_format.save(folder)
+    save_fingerprint(config, folder, setup.mixture.digest())
 
 
 def remove_previous_run(output: Path) -> None:
@@ -282,12 +298,13 @@ def write_summary(
         "last_logged_loss": losses[-1] if losses else None,
         "seconds": round(seconds, 1),
         "records": {
-            "read": len(setup.examples),
+            "read": len(setup.records),
             "trained": len(setup.data.rows),
             "truncated": setup.data.truncated,
             "dropped": len(setup.data.dropped),
         },
         "trained_tokens_per_epoch": setup.data.trained_tokens,
+        "mixture": setup.mixture.to_dict() if setup.mixture.is_drawn else None,
         "peak_memory_gib": round(throughput.peak_memory_gib, 3),  # read before the bf16 benchmark raised it
         "throughput": throughput.summary(),
         "device": setup.resolved.machine,

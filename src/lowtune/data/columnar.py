@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from lowtune.data.progress import read_progress
 from lowtune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ DATASETS_FIX = "give the folder that datasets' save_to_disk wrote (it holds stat
 
 
 def parquet_records(path: Path, columns: Mapping[str, str]) -> Iterator[tuple[int, Any]]:
-    """(position, row as a dict) of a Parquet file, a batch at a time."""
+    """(position, row as a dict) of a Parquet file, a batch of rows at a time (bounded memory for any size)."""
     pyarrow = _need("pyarrow", path, "Parquet")
     parquet = _need("pyarrow.parquet", path, "Parquet")
     # What pyarrow raises for a file that is not Parquet or is damaged (text in it that is not UTF-8: ValueError).
@@ -39,10 +40,12 @@ def parquet_records(path: Path, columns: Mapping[str, str]) -> Iterator[tuple[in
     check_columns(path, table.schema_arrow.names, columns)
     number = 0
     try:
-        for batch in table.iter_batches(batch_size=BATCH_RECORDS):
-            for record in batch.to_pylist():
-                number += 1
-                yield number, record
+        with read_progress(path, table.metadata.num_rows, "rows") as progress:
+            for batch in table.iter_batches(batch_size=BATCH_RECORDS):
+                for record in batch.to_pylist():
+                    number += 1
+                    yield number, record
+                progress(number)
     except unreadable as error:
         raise UserError.one(
             f"unreadable Parquet data after {number} records ({_first_line(error)})",

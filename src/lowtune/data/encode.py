@@ -1,4 +1,7 @@
-"""Encode examples into training rows (input_ids, attention_mask, labels), cut to max_length."""
+"""Encode examples into training rows (input_ids, attention_mask, labels), cut to max_length.
+
+The rows are views of an `EncodedSet` (numpy arrays, `data/encoded.py`), each built when indexed.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,9 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from lowtune.data.read import Example, RecordError, to_example
-from lowtune.data.templates import IGNORE_INDEX, ChatFormat, build_chat_format, input_separator
+from lowtune.data.encoded import Records, Rows, encode_conversations
+from lowtune.data.read import MAX_REPORTED_PROBLEMS, Example, RecordError, to_example
+from lowtune.data.templates import ChatFormat, build_chat_format, input_separator
 from lowtune.errors import Problem, UserError
 
 log = logging.getLogger(__name__)
@@ -20,17 +24,17 @@ log = logging.getLogger(__name__)
 class EncodedData:
     """Training rows plus what happened on the way: records cut by max_length, and those dropped."""
 
-    rows: list[dict[str, list[int]]]
+    rows: Rows
     truncated: int = 0
     dropped: list[str] = field(default_factory=list)  # sources of records left with no trained token
 
     @property
     def lengths(self) -> list[int]:
-        return [len(row["input_ids"]) for row in self.rows]
+        return self.rows.records.lengths().tolist()
 
     @property
     def trained_tokens(self) -> int:
-        return sum(sum(label != IGNORE_INDEX for label in row["labels"]) for row in self.rows)
+        return int(self.rows.records.per_record("trained_counts").sum())
 
 
 def encode_examples(
@@ -40,35 +44,23 @@ def encode_examples(
 
     With truncation "error", records longer than max_length stop the run instead, each named by file and line.
     """
-    encoded = EncodedData(rows=[])
-    too_long: list[Problem] = []
-    for example in examples:
-        input_ids, labels = chat_format.encode(example.messages)
-        if len(input_ids) > max_length and truncation == "error":
-            file, _, line = example.source.rpartition(":")
-            too_long.append(
-                Problem(
-                    f"record of {len(input_ids)} tokens, longer than data.max_length={max_length}",
-                    file,
-                    int(line) if line.isdigit() else None,
-                )
-            )
-            continue
-        if len(input_ids) > max_length:
-            encoded.truncated += 1
-            input_ids, labels = input_ids[:max_length], labels[:max_length]
-        if all(label == IGNORE_INDEX for label in labels):
-            encoded.dropped.append(example.source)
-            continue
-        encoded.rows.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
-    if too_long:
-        too_long[-1].fix = "raise data.max_length, shorten those records, or set data.truncation: cut"
-        raise UserError(too_long)
+    builder = encode_conversations(((e.messages, 0) for e in examples), chat_format, max_length)
+    return training_data(Records.whole([builder.build(names=[e.source for e in examples])]), max_length, truncation)
+
+
+def training_data(records: Records, max_length: int, truncation: str = "cut") -> EncodedData:
+    """The rows of encoded records: those longer than max_length cut (or, with truncation "error", refused, each
+    named by file and line), those the cut leaves with no trained token dropped and counted."""
+    too_long = records.per_record("full_lengths") > max_length
+    if truncation == "error" and too_long.any():
+        raise _too_long(records.where(too_long), max_length)
+    empty = records.per_record("trained_counts") == 0
+    encoded = EncodedData(records.where(~empty).rows(), int(too_long.sum()), records.sources(empty))
     if encoded.truncated:
         log.warning(
             "%d of %d records are longer than max_length=%d and were cut at the end",
             encoded.truncated,
-            len(examples),
+            len(records),
             max_length,
         )
     if encoded.dropped:
@@ -78,12 +70,24 @@ def encode_examples(
             max_length,
             encoded.dropped[0],
         )
-    if not encoded.rows:
+    if not len(encoded.rows):
         raise UserError.one(
             f"every record was dropped: none has a trained token within max_length={max_length}",
             fix="raise data.max_length",
         )
     return encoded
+
+
+def _too_long(records: Records, max_length: int) -> UserError:
+    lengths = records.per_record("full_lengths")
+    problems = []
+    for (each, index), length in zip(records, lengths[:MAX_REPORTED_PROBLEMS].tolist(), strict=False):
+        file, line = each.place(index)
+        problems.append(Problem(f"record of {length} tokens, longer than data.max_length={max_length}", file, line))
+    if len(lengths) > MAX_REPORTED_PROBLEMS:
+        problems.append(Problem(f"and {len(lengths) - MAX_REPORTED_PROBLEMS:,} more records as long"))
+    problems[-1].fix = "raise data.max_length, shorten those records, or set data.truncation: cut"
+    return UserError(problems)
 
 
 def encode_records(
@@ -106,4 +110,4 @@ def encode_records(
             examples.append(to_example(record, "auto", f"record {index}", separator))
         except RecordError as error:
             raise UserError.one(f"record {index}: {error.message}", fix=error.fix) from None
-    return encode_examples(examples, chat_format, max_length).rows
+    return list(encode_examples(examples, chat_format, max_length).rows)

@@ -4,12 +4,14 @@ Each reader yields (number, record), the number being what a user finds the reco
 for CSV and TSV the row as a spreadsheet shows it (the header is row 1, the first record row 2, a quoted cell over
 several lines is still one row); for Parquet and datasets folders the record's position, from 1.
 
-The whole file is read at once (JSON, JSONL, CSV) or a batch at a time (Parquet). Hook for large files (issue 16):
-these iterators are the place for a streaming pass; nothing downstream needs the file whole.
+JSONL, CSV and TSV are read a line at a time and Parquet a batch at a time, so a multi-GB file takes little memory
+(files of `progress.LARGE_FILE_BYTES` or more show a progress bar); a JSON array is read whole. Lines end in \n,
+\r\n or a lone \r.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -22,12 +24,15 @@ from lowtune.config import FileType
 from lowtune.data import columnar
 from lowtune.data.columnar import check_columns
 from lowtune.data.formats import TURN_KEYS
+from lowtune.data.progress import read_progress
 from lowtune.errors import UserError
 
 log = logging.getLogger(__name__)
 SUFFIX_TYPES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 SUFFIX_TYPES |= {".pq": "parquet", ".tab": "tsv"}
 MISSING_FIX = "check data.files in the config or --data"
+CHUNK_BYTES = 1 << 20
+PROGRESS_EVERY = 8192  # lines between two updates of the progress bar
 
 
 def file_type(path: Path, stated: FileType = "auto") -> FileType:
@@ -68,13 +73,61 @@ def json_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line, parsed JSON value) for each record of a .json array or a .jsonl file."""
     if not path.is_file():
         raise UserError.one("data file not found", path, fix=MISSING_FIX)
-    text = _decode(path.read_bytes(), path)
-    if not text.strip():
+    first = _first_character(path)
+    if first is None:
         raise UserError.one("data file is empty", path, fix="give a JSON array or one JSON object per line")
-    if text.lstrip().startswith("["):
-        yield from _json_array_records(text, path)
+    if first == b"[":
+        yield from _json_array_records(_decode(path.read_bytes(), path), path)
     else:
-        yield from _jsonl_records(text, path)
+        yield from _jsonl_records(path)
+
+
+def _first_character(path: Path) -> bytes | None:
+    """The first byte that is not white space (after a UTF-8 byte order mark), or None for a blank file."""
+    with path.open("rb") as stream:
+        head = stream.read(len(codecs.BOM_UTF8))
+        head = head.removeprefix(codecs.BOM_UTF8)
+        while head or (head := stream.read(CHUNK_BYTES)):
+            text = head.lstrip()
+            if text:
+                return text[:1]
+            head = b""
+    return None
+
+
+def _lines(path: Path, newline: str | None) -> Iterator[str]:
+    """The file's lines, read as it goes; `newline` as `open` takes it (None: \n, \r\n and \r end a line)."""
+    with path.open("rb") as raw, read_progress(path, path.stat().st_size, "bytes") as progress:
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline=newline)
+        try:
+            for count, line in enumerate(text, start=1):
+                if count % PROGRESS_EVERY == 0:
+                    progress(raw.tell())
+                yield line
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
+
+
+def _not_utf8(path: Path) -> UserError:
+    """The error for the first byte of `path` that is not UTF-8, located by line (read again, a chunk at a time)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 0
+    with path.open("rb") as stream:
+        while chunk := stream.read(CHUNK_BYTES):
+            pending = len(decoder.getstate()[0])  # bytes of a character the last chunk cut in two
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                data = error.object
+                position = offset - pending + error.start
+                line = lines + data[: error.start].count(b"\n") + 1
+                found = data[error.start : error.start + 1]
+                return UserError.one(
+                    f"not UTF-8 text (byte {position}: {found!r})", path, line, fix="save the file as UTF-8"
+                )
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
+    return UserError.one("not UTF-8 text", path, fix="save the file as UTF-8")
 
 
 def _decode(raw: bytes, path: Path) -> str:
@@ -93,8 +146,7 @@ def _decode(raw: bytes, path: Path) -> str:
 def _delimited_records(path: Path, delimiter: str, columns: Mapping[str, str]) -> Iterator[tuple[int, Any]]:
     """CSV or TSV with a header row: one record (column: text) a row, numbered as a spreadsheet shows it."""
     name = "tab" if delimiter == "\t" else "comma"
-    text = _decode(path.read_bytes(), path)
-    rows = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    rows = csv.reader(_lines(path, newline=""), delimiter=delimiter, strict=True)
     row, header = 0, None
     try:
         for row, cells in enumerate(rows, start=1):  # row: also where a csv.Error stops
@@ -132,8 +184,8 @@ def _header(cells: list[str], path: Path, row: int) -> list[str]:
     return names
 
 
-def _jsonl_records(text: str, path: Path) -> Iterator[tuple[int, Any]]:
-    for number, line in enumerate(text.splitlines(), start=1):
+def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    for number, line in enumerate(_lines(path, newline=None), start=1):
         if not line.strip():
             continue
         try:

@@ -14,11 +14,12 @@ from lowtune.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def held_out_count(total: int, val_size: float) -> int:
+def held_out_count(total: int, val_size: float, warn: bool = True) -> int:
     """val_size below 1 is a share of the records, 1 and above a count.
 
     A share too small for the data (it rounds to no record) or too large for it (it would leave none to train on)
-    holds out nothing, and says so; a count that leaves no training record is an error.
+    holds out nothing, and says so (unless `warn` is false: the preflight, which training follows); a count that
+    leaves no training record is an error.
     """
     if val_size <= 0:
         return 0
@@ -33,8 +34,8 @@ def held_out_count(total: int, val_size: float) -> int:
             )
         return count
     count = round(total * val_size)
-    if 0 < count < total:
-        return count
+    if 0 < count < total or not warn:
+        return count if 0 < count < total else 0
     log.warning(
         "data.val_size=%g of %d records would hold out %d: holding out nothing, so no evaluation (a count such as "
         "data.val_size: 1 holds out that many)",
@@ -45,10 +46,14 @@ def held_out_count(total: int, val_size: float) -> int:
     return 0
 
 
+def held_out_positions(total: int, val_size: float, seed: int) -> list[int]:
+    """The positions of the records held out of `total`: a seeded random draw, ascending."""
+    return sorted(random.Random(seed).sample(range(total), held_out_count(total, val_size)))
+
+
 def split_examples(examples: Sequence[Example], val_size: float, seed: int) -> tuple[list[Example], list[Example]]:
     """(train, held out): a seeded random draw, each side kept in file order."""
-    count = held_out_count(len(examples), val_size)
-    held = set(random.Random(seed).sample(range(len(examples)), count))
+    held = set(held_out_positions(len(examples), val_size, seed))
     train = [e for i, e in enumerate(examples) if i not in held]
     return train, [e for i, e in enumerate(examples) if i in held]
 
@@ -57,5 +62,6 @@ def split_for_run(config: RunConfig, examples: Sequence[Example]) -> tuple[list[
     """(train, held out) as a run makes them: data.eval_files when given, else val_size drawn from the examples."""
     if config.data.eval_files:
         separator = input_separator(config.data.template)
-        return list(examples), read_examples(config.data.eval_files, config.data.format, separator)
+        held_out = read_examples(config.data.eval_files, config.data.format, separator, config.train.seed)
+        return list(examples), held_out
     return split_examples(examples, config.data.val_size, config.train.seed)

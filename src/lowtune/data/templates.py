@@ -35,6 +35,7 @@ SEED_DEFAULT_SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛."
 # How a segment is tokenized: `text` never turns "<|im_end|>" written in a message into a control token;
 # `markup` (template text) does; `special` is exactly one special token.
 SegmentKind = Literal["text", "markup", "special"]
+SHORT_TEXT, KNOWN_TEXTS = 64, 4096  # texts up to this many characters are remembered, up to this many of them
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class ChatFormat(ABC):
     def __init__(self, tokenizer: PreTrainedTokenizerBase, system: str | None = None):
         self.tokenizer = tokenizer
         self.system = system
+        self._known_ids: dict[bool, dict[str, list[int]]] = {}  # split_special_tokens -> short text -> ids
+        self._special_ids: dict[str, int] = {}
 
     @abstractmethod
     def segments(self, messages: Sequence[Message], generation_prompt: bool = False) -> list[Segment]:
@@ -66,13 +69,64 @@ class ChatFormat(ABC):
 
     def encode(self, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
         """Token ids and labels of a whole conversation (labels are -100 outside trained segments)."""
-        input_ids: list[int] = []
-        labels: list[int] = []
-        for segment in self.segments(messages):
-            ids = self.token_ids(segment)
-            input_ids += ids
-            labels += ids if segment.trained else [IGNORE_INDEX] * len(ids)
-        return input_ids, labels
+        return self.encode_many([messages])[0]
+
+    def encode_many(self, conversations: Sequence[Sequence[Message]]) -> list[tuple[list[int], list[int]]]:
+        """`encode` of each conversation, with one tokenizer call for all their text segments of each kind (the
+        same ids: a fast tokenizer encodes every text of a batch on its own, in Rust, without a Python call each)."""
+        return [
+            (ids, [token if trained else IGNORE_INDEX for token, trained in zip(ids, flags, strict=True)])
+            for ids, flags in self.encode_flags(conversations)
+        ]
+
+    def encode_flags(self, conversations: Sequence[Sequence[Message]]) -> list[tuple[list[int], bytearray]]:
+        """`encode_many` with, instead of labels, one byte a token: 1 where the token is trained."""
+        segments = [self.segments(messages) for messages in conversations]
+        texts: dict[bool, list[str]] = {True: [], False: []}  # split_special_tokens: the text segments, markup
+        for segment in (segment for each in segments for segment in each if segment.kind != "special"):
+            texts[segment.kind == "text"].append(segment.text)
+        ids = {split: iter(self._token_ids_of(texts[split], split)) for split in (True, False)}
+        encoded = []
+        for each in segments:
+            input_ids: list[int] = []
+            flags = bytearray()
+            for segment in each:
+                if segment.kind == "special":
+                    if segment.text not in self._special_ids:
+                        self._special_ids[segment.text] = self.special_id(segment.text)
+                    segment_ids = [self._special_ids[segment.text]]
+                else:
+                    segment_ids = next(ids[segment.kind == "text"])
+                input_ids += segment_ids
+                flags += (b"\x01" if segment.trained else b"\x00") * len(segment_ids)
+            encoded.append((input_ids, flags))
+        return encoded
+
+    def _token_ids_of(self, texts: list[str], split_special_tokens: bool) -> list[list[int]]:
+        """The ids of each text; short texts (role names, newlines, a default system prompt: most segments of a
+        record) are tokenized once and remembered."""
+        known = self._known_ids.setdefault(split_special_tokens, {})
+        todo = list(dict.fromkeys(text for text in texts if text not in known))
+        found = dict(zip(todo, self._tokenize(todo, split_special_tokens), strict=True)) if todo else {}
+        if len(known) < KNOWN_TEXTS:
+            known.update((text, ids) for text, ids in found.items() if len(text) <= SHORT_TEXT)
+        return [known[text] if text in known else found[text] for text in texts]
+
+    def _tokenize(self, texts: list[str], split_special_tokens: bool) -> list[list[int]]:
+        """The tokenizer's ids of each text; a fast tokenizer is called directly (transformers' wrapper costs more
+        than the Rust encoding of short texts), where it neither truncates nor pads, so the ids are the same."""
+        from tokenizers import Tokenizer  # here: `lowtune train` checks records before tokenizers is imported
+
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if not isinstance(backend, Tokenizer) or backend.truncation is not None or backend.padding is not None:
+            call = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special_tokens)
+            return call["input_ids"]
+        before = backend.encode_special_tokens
+        backend.encode_special_tokens = split_special_tokens
+        try:
+            return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+        finally:
+            backend.encode_special_tokens = before
 
     def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
         """Token ids of the prompt that asks the model for the next assistant reply."""

@@ -107,7 +107,8 @@ def held_out_examples(config: RunConfig, data: str | Path | None = None) -> tupl
             "this run has no held-out records: it was trained without data.val_size or data.eval_files",
             fix="give records to evaluate on with --data FILE",
         )
-    _, held_out = split_for_run(config, read_examples(config.data.files, config.data.format, separator))
+    examples = read_examples(config.data.files, config.data.format, separator, config.train.seed)
+    _, held_out = split_for_run(config, examples)
     if config.data.eval_files:
         return held_out, "data.eval_files: " + ", ".join(map(str, config.data.eval_files))
     if not held_out:

@@ -1,8 +1,9 @@
 """`lowtune data inspect`: what training will see, before any weight is loaded.
 
-Records read per file, those held out, those cut by max_length and those dropped because the cut left nothing to
-train on, exact duplicates, token-length statistics with a histogram, and a few records rendered with their trained
-spans marked (the label audit: exactly what the loss sees, end-of-turn token included).
+Records read per file (for a mixture: how many were drawn of how many), those held out, those cut by max_length and
+those dropped because the cut left nothing to train on, exact duplicates, token-length statistics with a histogram,
+and a few records rendered with their trained spans marked (the label audit: exactly what the loss sees, end-of-turn
+token included).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from lowtune.config import RunConfig
-from lowtune.data.read import Example, read_examples
-from lowtune.data.split import split_for_run
-from lowtune.data.templates import IGNORE_INDEX, ChatFormat, build_chat_format, input_separator
+from lowtune.data.encoded import EncodedSet, Records, encode_conversations
+from lowtune.data.read import Example, check_files_exist
+from lowtune.data.run_data import first_examples, read_run_files, split_run_records
+from lowtune.data.templates import IGNORE_INDEX, ChatFormat, build_chat_format
 from lowtune.eval.plots import plot_length_histogram
 from lowtune.model.load import load_tokenizer
 
@@ -68,6 +70,7 @@ class DataReport:
     duplicates: list[tuple[str, str]]  # (source, source of its first copy)
     samples: list[LabelledSample] = field(default_factory=list)
     held_out: int = 0
+    mixture: list[dict] = field(default_factory=list)  # Drawn.to_dict() of each file, when any file is drawn
 
     @property
     def records(self) -> int:
@@ -87,7 +90,10 @@ class DataReport:
         """(what, value) lines shared by the terminal table, the text file and the run report."""
         stats = ", ".join(f"{key} {value:g}" for key, value in self.length_stats().items())
         lines = [("records read", f"{self.records}")]
-        lines += [(f"  {_short(name)}", f"{count}") for name, count in self.files.items()]
+        if self.mixture:
+            lines += [(f"  {_short(d['file'])}", _drawn(d)) for d in self.mixture]
+        else:
+            lines += [(f"  {_short(name)}", f"{count}") for name, count in self.files.items()]
         duplicates = [f"{_short(copy)} = {_short(first)}" for copy, first in self.duplicates]
         lines += [
             ("held out for evaluation", f"{self.held_out}"),
@@ -108,12 +114,18 @@ def inspect_data(config: RunConfig, sample_count: int = 3) -> DataReport:
 
     Validation errors stop here with a UserError, as they would stop training.
     """
-    separator = input_separator(config.data.template)
-    examples = read_examples(config.data.files, config.data.format, separator)
-    _, held_out = split_for_run(config, examples)  # the split training makes
+    data = config.data
+    check_files_exist(data.files + data.eval_files)
     tokenizer = load_tokenizer(config.model)
-    chat_format = build_chat_format(config.data.template, tokenizer, config.data.system)
-    return analyse_examples(examples, chat_format, config.data.max_length, sample_count, held_out)
+    chat_format = build_chat_format(data.template, tokenizer, data.system)
+    drawn = read_run_files(config, data.files, chat_format)
+    _, held_out, evaluation = split_run_records(config, drawn, chat_format)  # the split training makes
+    report = analyse_records(drawn.records, chat_format, data.max_length, sample_count, held_out)
+    report.mixture = drawn.mixture.to_dict() if drawn.mixture.is_drawn else []
+    for each in (drawn, evaluation):
+        if each is not None:
+            each.save_to_cache()
+    return report
 
 
 def default_folder(config: RunConfig) -> Path:
@@ -128,34 +140,51 @@ def analyse_examples(
     sample_count: int = 3,
     held_out: Sequence[Example] = (),
 ) -> DataReport:
-    """The statistics of `inspect_data` for examples already read (training calls this for its report).
+    """The statistics of `inspect_data` for examples already read.
 
     `held_out`: the records kept for evaluation (among `examples`, or from eval files): their tokens are not counted
     as trained, so that the trained tokens are those training logs and trains on."""
+    builder = encode_conversations(((e.messages, 0) for e in examples), chat_format, max_length)
+    encoded = builder.build(names=[example.source for example in examples])
+    encoded.origin = list(examples)  # the samples' records, to encode past the cut
+    records = Records.whole([encoded])
     evaluated = {example.source for example in held_out}
+    among = np.array([example.source in evaluated for example in examples], dtype=np.bool_)
+    report = analyse_records(records, chat_format, max_length, sample_count, records.where(among))
+    report.held_out = len(held_out)
+    return report
+
+
+def analyse_records(
+    records: Records,
+    chat_format: ChatFormat,
+    max_length: int,
+    sample_count: int = 3,
+    held_out: Records | None = None,
+) -> DataReport:
+    """The statistics of `inspect_data` for records already encoded (training calls this for its report).
+
+    `held_out`: the records kept for evaluation (some of `records`, or those of eval files): the tokens of those
+    among `records` are not counted as trained, so that the trained tokens are those training logs and trains on.
+    """
+    lengths = records.per_record("full_lengths")
+    too_long = lengths > max_length
+    # The same rule as training_data: cut at max_length, drop what has no trained token left.
+    trained = records.per_record("trained_counts")
+    evaluated = _among(records, held_out) if held_out is not None else np.zeros(len(records), dtype=np.bool_)
     report = DataReport(
-        files=dict(Counter(example.source.rsplit(":", 1)[0] for example in examples)),
+        files=_per_file(records),
         max_length=max_length,
-        lengths=[],
-        trained_tokens=0,
-        truncated=[],
-        dropped=[],
-        duplicates=_duplicates(examples),
-        held_out=len(held_out),
+        lengths=lengths.tolist(),
+        trained_tokens=int(trained[~evaluated].sum()),
+        truncated=records.sources(too_long),
+        dropped=records.sources(trained == 0),
+        duplicates=_duplicates(records),
+        held_out=len(held_out) if held_out is not None else 0,
     )
-    encoded = [chat_format.encode(example.messages) for example in examples]
-    for example, (input_ids, labels) in zip(examples, encoded, strict=True):
-        report.lengths.append(len(input_ids))
-        if len(input_ids) > max_length:
-            report.truncated.append(example.source)
-        # The same rule as encode_examples: cut at max_length, drop what has no trained token left.
-        trained = sum(label != IGNORE_INDEX for label in labels[:max_length])
-        if trained == 0:
-            report.dropped.append(example.source)
-        if example.source not in evaluated:
-            report.trained_tokens += trained
-    chosen = _sample_indices(examples, report.truncated, sample_count)
-    report.samples = [_labelled(examples[i].source, *encoded[i], chat_format, max_length) for i in chosen]
+    chosen = _sample_indices(too_long, sample_count)
+    picked = list(records.take(chosen))
+    report.samples = [_labelled(each, index, chat_format, max_length) for each, index in picked]
     return report
 
 
@@ -199,36 +228,76 @@ def print_inspection(report: DataReport, console: Console) -> None:
         console.print(sample.markup(), highlight=False)
 
 
-def _duplicates(examples: Sequence[Example]) -> list[tuple[str, str]]:
-    first: dict[tuple, str] = {}
-    found = []
-    for example in examples:
-        if example.messages in first:
-            found.append((example.source, first[example.messages]))
+def _per_file(records: Records) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for each, indices in records.parts:
+        if each.names is None:
+            counts[each.file] += len(indices)
         else:
-            first[example.messages] = example.source
-    return found
+            counts.update(each.names[index].rsplit(":", 1)[0] for index in indices.tolist())
+    return dict(counts)
 
 
-def _sample_indices(examples: Sequence[Example], truncated: list[str], count: int) -> list[int]:
+def _duplicates(records: Records) -> list[tuple[str, str]]:
+    """(source, source of its first copy) of each exact copy of an earlier record (by the messages' digests)."""
+    digests = records.per_record("digests")
+    _, first, inverse = np.unique(digests, return_index=True, return_inverse=True)
+    originals = first[inverse]  # (records,) the position of each record's first copy
+    copies = np.flatnonzero(originals != np.arange(len(digests)))
+    if not len(copies):
+        return []
+    sources = records.take(copies).sources()
+    kept, back = np.unique(originals[copies], return_inverse=True)
+    first_sources = records.take(kept).sources()
+    return [(source, first_sources[b]) for source, b in zip(sources, back.tolist(), strict=True)]
+
+
+def _sample_indices(too_long: np.ndarray, count: int) -> list[int]:
     """The first records, one of them a truncated record when there is one: the cut is what needs auditing."""
-    chosen = list(range(min(count, len(examples))))
-    if truncated and chosen and not any(examples[i].source in truncated for i in chosen):
-        chosen[-1] = next(i for i, e in enumerate(examples) if e.source == truncated[0])
-    return chosen
+    chosen = list(range(min(count, len(too_long))))
+    truncated = np.flatnonzero(too_long)
+    if len(truncated) and chosen and not too_long[chosen].any():
+        chosen[-1] = int(truncated[0])
+    return sorted(chosen)
 
 
-def _labelled(
-    source: str, input_ids: list[int], labels: list[int], chat_format: ChatFormat, max_length: int
-) -> LabelledSample:
-    tokens = list(zip(input_ids[:max_length], labels[:max_length], strict=True))
+def _labelled(encoded: EncodedSet, index: int, chat_format: ChatFormat, max_length: int) -> LabelledSample:
+    row = encoded.row(index)
+    tokens = list(zip(row["input_ids"], row["labels"], strict=True))
+    following = row["input_ids"] + _past_cut(encoded, index, chat_format, max_length)
     pieces = []
     done = 0
     for trained, run in groupby(tokens, key=lambda pair: pair[1] != IGNORE_INDEX):
         ids = [token for token, _ in run]
         done += len(ids)
-        pieces.append((_decoded(chat_format, ids, input_ids[done : done + CHARACTER_TOKENS]), trained))
-    return LabelledSample(source, pieces, max(0, len(input_ids) - max_length))
+        pieces.append((_decoded(chat_format, ids, following[done : done + CHARACTER_TOKENS]), trained))
+    return LabelledSample(encoded.source(index), pieces, max(0, int(encoded.full_lengths[index]) - max_length))
+
+
+def _past_cut(encoded: EncodedSet, index: int, chat_format: ChatFormat, max_length: int) -> list[int]:
+    """The first tokens a truncated record has past max_length (none for a whole one): the encoded set keeps only
+    those before the cut, so the record is read again (by line, or from the examples given) and encoded."""
+    if int(encoded.full_lengths[index]) <= max_length:
+        return []
+    (example,) = first_examples(Records([(encoded, np.array([index], dtype=np.int64))]), 1)
+    input_ids, _ = chat_format.encode(example.messages)
+    return input_ids[max_length : max_length + CHARACTER_TOKENS]
+
+
+def _among(records: Records, others: Records) -> np.ndarray:
+    """(records,) bool: the record is one of `others` (the same encoded set, the same index)."""
+    flags = []
+    for each, indices in records.parts:
+        theirs = [chosen for other, chosen in others.parts if other is each]
+        flags.append(np.isin(indices, np.concatenate(theirs)) if theirs else np.zeros(len(indices), dtype=np.bool_))
+    return np.concatenate(flags) if flags else np.zeros(0, dtype=np.bool_)
+
+
+def _drawn(drawn: dict) -> str:
+    """ "2000 of 10000 (weight 0.3)": a file's line of the summary in a mixture."""
+    how = f" (weight {drawn['weight']:g})" if drawn["weight"] is not None else ""
+    how += f" (samples {drawn['samples']})" if drawn["samples"] is not None else ""
+    return f"{drawn['drawn']} of {drawn['records']}{how}"
 
 
 def _decoded(chat_format: ChatFormat, ids: list[int], following: list[int]) -> str:

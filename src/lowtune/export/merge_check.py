@@ -131,7 +131,8 @@ def check_prompts(adapter_dir: Path, check: MergeCheck) -> tuple[list[list[Messa
         examples = examples[: check.prompts]
     else:
         separator = input_separator(config.data.template)
-        examples = read_examples(config.data.files, config.data.format, separator)[-check.prompts :]
+        examples = read_examples(config.data.files, config.data.format, separator, config.train.seed)
+        examples = examples[-check.prompts :]
         source = "the last records of data.files: the run held none out, so it was trained on them"
     return [prompt_and_reference(example)[0] for example in examples], source
 

@@ -1,9 +1,11 @@
 """What `lowtune train` and `lowtune plan` check before torch or transformers is imported: the output folder, every
-record's structure in every data file (the held-out split included), and a model folder given by path.
+record's structure in every data file (the held-out split and the mixture's draw included), and a model folder given
+by path.
 
 A user error found here prints within about a second: this module and what it imports (config, data reading, the
-split) need neither torch nor transformers. Encoding the records needs the tokenizer and comes after
-(`recipe.prepare`).
+split, the mixture) need neither torch nor transformers. The records are validated as they are read and not kept (a
+multi-GB file takes little memory); encoding them needs the tokenizer and comes after (`recipe.prepare`, through
+`data/run_data.prepare_data`, which reads the files again, a batch at a time, or their encoded set from the cache).
 """
 
 from __future__ import annotations
@@ -13,32 +15,44 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowtune.config import RunConfig
-from lowtune.data.read import Example, read_examples
-from lowtune.data.split import split_for_run
+from lowtune.data.read import check_files_exist, check_records
+from lowtune.data.split import held_out_count
 from lowtune.data.templates import input_separator
 from lowtune.errors import UserError
 from lowtune.model.default import resolve_model_path
 
 
 @dataclass(frozen=True)
-class Records:
-    """A run's records, read and validated: all of them, and the split training makes of them."""
+class CheckedData:
+    """A run's records, validated: how many are drawn from data.files (held-out ones included), how many held out."""
 
-    examples: list[Example]
-    train: list[Example]
-    held_out: list[Example]
+    records: int
+    held_out: int
 
 
-def check_before_loading(config: RunConfig, overwrite: bool = False, check_output: bool = True) -> Records:
+def check_before_loading(config: RunConfig, overwrite: bool = False, check_output: bool = True) -> CheckedData:
     """Checks the output folder (unless `check_output` is false, as for `lowtune plan`) and reads and validates every
     record; raises UserError with every problem found."""
-    if check_output and int(os.environ.get("RANK", "0")) == 0:  # other processes would see the first one's files
-        check_output_dir(Path(config.output_dir), overwrite)
-    examples = read_examples(config.data.files, config.data.format, input_separator(config.data.template))
-    train, held_out = split_for_run(config, examples)
+    check_paths(config, overwrite, check_output)
+    data = config.data
+    separator = input_separator(data.template)
+    records = check_records(data.files, data.format, separator, config.train.seed)
+    if data.eval_files:
+        held_out = check_records(data.eval_files, data.format, separator, config.train.seed)
+    else:
+        held_out = held_out_count(records, data.val_size, warn=False)  # a count leaving none to train on: an error
     if config.model.path:  # the embedded default (no path) is found, or converted, when the tokenizer loads
         resolve_model_path(config.model.path)
-    return Records(examples, train, held_out)
+    return CheckedData(records, held_out)
+
+
+def check_paths(config: RunConfig, overwrite: bool = False, check_output: bool = True) -> None:
+    """The output folder (unless `check_output` is false) and that every data file is there (each missing one
+    named): what `recipe.prepare` checks itself when no preflight ran (the Python API: `prepare_data` then validates
+    the records as it encodes them, reading each file once)."""
+    if check_output and int(os.environ.get("RANK", "0")) == 0:  # other processes would see the first one's files
+        check_output_dir(Path(config.output_dir), overwrite)
+    check_files_exist(config.data.files + config.data.eval_files)
 
 
 def check_output_dir(output: Path, overwrite: bool) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lowtune.config import RunConfig, load_run_config
+from lowtune.data.cache import file_digest
 from lowtune.data.read import resolve_data_path
 from lowtune.errors import UserError
 from lowtune.train.resolve import Resolved, read_saved_choices
@@ -65,8 +66,13 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path:
     return checkpoints[-1]
 
 
-def check_same_run(config: RunConfig, resolved: Resolved, checkpoint: Path, force: bool) -> None:
-    """Refuses to resume `checkpoint` under a config, data or resolved choices that would make it another run."""
+def check_same_run(
+    config: RunConfig, resolved: Resolved, checkpoint: Path, force: bool, mixture: str | None = None
+) -> None:
+    """Refuses to resume `checkpoint` under a config, data or resolved choices that would make it another run.
+
+    `mixture` is the digest of the records drawn (`Mixture.digest`): a different draw is a different data set.
+    """
     saved = load_run_config(checkpoint)
     changes = [
         f"{key}: {before!r} -> {after!r}"
@@ -83,7 +89,7 @@ def check_same_run(config: RunConfig, resolved: Resolved, checkpoint: Path, forc
     fingerprint_file = checkpoint / FINGERPRINT_FILE_NAME
     if fingerprint_file.is_file():
         before = json.loads(fingerprint_file.read_text(encoding="utf-8"))
-        after = fingerprint(config)
+        after = fingerprint(config, mixture)
         changes += [
             f"{name} changed since the checkpoint" for name in sorted(before) if before[name] != after.get(name)
         ]
@@ -95,29 +101,31 @@ def check_same_run(config: RunConfig, resolved: Resolved, checkpoint: Path, forc
         )
 
 
-def fingerprint(config: RunConfig) -> dict[str, str]:
-    """sha256 of each data file and of the model's config.json: what the config's paths alone do not pin down."""
+def fingerprint(config: RunConfig, mixture: str | None = None) -> dict[str, str]:
+    """sha256 of each data file, of the model's config.json and of the records drawn from the files (a mixture's
+    draw): what the config's paths alone do not pin down."""
     from lowtune.model.load import resolve_model_path
 
     entries = config.data.files + config.data.eval_files
     files = {f"data file {entry}": resolve_data_path(entry.path) for entry in entries}
     files["model config.json"] = resolve_model_path(config.model.path) / "config.json"
-    return {name: _sha256(path) for name, path in files.items()}
+    digests = {name: _sha256(path) for name, path in files.items()}
+    return digests | ({"data mixture (the records drawn)": mixture} if mixture is not None else {})
 
 
 def _sha256(path: Path) -> str:
     """Of a file, or of a folder (datasets' save_to_disk): each file's relative name and bytes, in name order."""
-    digest = hashlib.sha256()
     if path.is_file():
-        digest.update(path.read_bytes())
-        return digest.hexdigest()
+        return file_digest(path)  # in chunks, and once per process for a file that has not changed
+    digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(str(file.relative_to(path)).encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()
 
 
-def save_fingerprint(config: RunConfig, folder: Path) -> None:
-    (folder / FINGERPRINT_FILE_NAME).write_text(json.dumps(fingerprint(config), indent=2), encoding="utf-8")
+def save_fingerprint(config: RunConfig, folder: Path, mixture: str | None = None) -> None:
+    text = json.dumps(fingerprint(config, mixture), indent=2)
+    (folder / FINGERPRINT_FILE_NAME).write_text(text, encoding="utf-8")
 
 
 def remove_staging(output_dir: Path) -> None:
