@@ -1,4 +1,4 @@
-"""The package's layers import one way: data -> model -> train -> infer -> eval / export -> recipe -> bench -> cli.
+"""The package's layers import one way: data -> model -> train -> infer -> eval / export -> recipe -> bench / studio -> cli.
 
 Read from the source (every `import lowtune...`, at the top of a module or inside a function), so a lazy import
 that runs back up is caught too.
@@ -26,6 +26,7 @@ LAYERS = {
     "export": 5,
     "recipe": 6,
     "bench": 7,
+    "studio": 7,  # the browser front end, a peer of bench: both sit on the recipe and below, under the CLI
     "cli": 8,
     "__main__": 9,
     "__init__": 9,  # the package's lazy public API
