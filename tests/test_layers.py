@@ -1,4 +1,5 @@
-"""The package's layers import one way: data -> model -> train -> infer -> eval / export -> recipe -> bench / studio -> cli.
+"""The package's layers import one way: data -> model -> train -> infer -> eval / export -> recipe -> bench / studio
+-> cli.
 
 Read from the source (every `import lowtune...`, at the top of a module or inside a function), so a lazy import
 that runs back up is caught too.

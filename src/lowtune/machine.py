@@ -173,3 +173,8 @@ def _cap_allows(cap: str | None, isa: str) -> bool:
         return True
     cap = cap.upper()
     return cap in ONEDNN_ISAS and ONEDNN_ISAS.index(cap) >= ONEDNN_ISAS.index(isa)
+
+
+def cache_dir() -> Path:
+    """Where lowtune keeps what it builds once per machine (the converted default model, encoded data sets)."""
+    return Path(os.environ.get("LOWTUNE_CACHE", Path.home() / ".cache" / "lowtune"))

