@@ -105,13 +105,18 @@ function debounce(name, work, wait) {
   pending[name] = setTimeout(work, wait);
 }
 
+// Checks overlap (the page's first one, for the defaults, can be slower than the next): only the latest one's answer
+// is shown, so an older answer never overwrites the problems of what the form holds now.
+let latestCheck = 0;
 async function checkForm() {
+  const check = ++latestCheck;
   try {
     const answer = await api("/api/config", { overrides: answers() });
+    if (check !== latestCheck) return;
     $("#yaml").textContent = answer.yaml || "# the defaults";
     showProblems(answer.problems, "#form-problems");
   } catch (error) {
-    showProblems([{ field: null, message: error.message }], "#form-problems");
+    if (check === latestCheck) showProblems([{ field: null, message: error.message }], "#form-problems");
   }
 }
 
