@@ -247,6 +247,27 @@ ALTERNATIVES = (("epochs", "max_steps"), ("batch_size", "tokens_per_batch"))
 
 
 class TrainSettings(_Section):
+    method: Literal["sft", "dpo", "orpo"] = Field(
+        "sft",
+        description="What the run learns. sft: the replies of the records (alpaca, chat or sharegpt). dpo: Direct "
+        "Preference Optimization on preference records ({prompt or messages, chosen, rejected}), the reference "
+        "being the starting model (the base with the adapter off, or train.init_adapter), its log-probabilities "
+        "computed once before training. orpo: Odds Ratio Preference Optimization on the same records (the chosen "
+        "reply's loss plus an odds-ratio term; no reference).",
+    )
+    beta: float | None = Field(
+        None,
+        gt=0,
+        description="DPO's beta: how far the policy may move from the reference (dpo only); empty: 0.1.",
+    )
+    orpo_lambda: float | None = Field(
+        None, gt=0, description="ORPO's lambda: the weight of the odds-ratio term (orpo only); empty: 0.1."
+    )
+    init_adapter: str | None = Field(
+        None,
+        description="A lowtune run folder (or checkpoint) whose adapter is the trainable starting point, e.g. an SFT "
+        "adapter to run DPO on; its lora settings must equal this run's. Empty: a fresh adapter.",
+    )
     epochs: float | None = Field(
         None, gt=0, description="Passes over the data; empty: 1, or as many as max_steps takes (not both)."
     )
@@ -325,6 +346,13 @@ class TrainSettings(_Section):
     save_steps: int = Field(100, ge=0, description="Write a checkpoint every N steps (0: only at the end).")
     save_total_limit: int | None = Field(3, gt=0, description="Keep at most this many checkpoints.")
     seed: int = Field(42, description="Seed for adapter initialisation, dropout and data order.")
+
+    @model_validator(mode="after")
+    def _preference_settings_of_their_method(self) -> TrainSettings:
+        for name, method in (("beta", "dpo"), ("orpo_lambda", "orpo")):
+            if getattr(self, name) is not None and self.method != method:
+                raise ValueError(f"train.{name} applies to train.method: {method} only (here {self.method})")
+        return self
 
     @model_validator(mode="after")
     def _one_way_to_say_each(self) -> TrainSettings:

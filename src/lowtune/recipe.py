@@ -27,6 +27,7 @@ from lowtune.config import ModelSettings, RunConfig, save_config
 from lowtune.data.encode import EncodedData
 from lowtune.data.encoded import Records, Rows
 from lowtune.data.mix import Mixture
+from lowtune.data.preference import PreferenceData, prepare_preference_data
 from lowtune.data.run_data import first_examples, prepare_data
 from lowtune.data.templates import ChatFormat, build_chat_format
 from lowtune.errors import RunStopped
@@ -38,10 +39,11 @@ from lowtune.model import arch
 from lowtune.model.attention import VARLEN
 from lowtune.model.default import portable_reference
 from lowtune.model.load import load_tokenizer, load_weights, resolve_model_path
-from lowtune.model.lora import attach_lora, name_base_portably
+from lowtune.model.lora import attach_lora, load_adapter_weights, name_base_portably
 from lowtune.model.summary import summary_table
 from lowtune.train.memory import GIB, MemoryPlan
 from lowtune.train.metrics import METRICS_FILE_NAME
+from lowtune.train.preference import build_preference_trainer
 from lowtune.train.preflight import CheckedData, check_paths
 from lowtune.train.resolve import Resolved, resolve_loading, resolve_run
 from lowtune.train.resume import (
@@ -63,14 +65,15 @@ REPORT_SAMPLES = 3
 class Setup:
     """What a run needs before its weights load: the records, their encoding, the chat format, the choices."""
 
-    records: Records  # every record drawn from data.files, held-out ones included
+    records: Records  # every record drawn from data.files, held-out ones included (pairs: the chosen sequences)
     tokenizer: PreTrainedTokenizerBase
     chat_format: ChatFormat
-    data: EncodedData
+    data: EncodedData | PreferenceData
     held_out: Records
     held_out_rows: Rows | list
     resolved: Resolved
     mixture: Mixture
+    held_out_pairs: PreferenceData | None = None  # train.method dpo or orpo
 
 
 def prepare(
@@ -92,6 +95,8 @@ def prepare(
     tokenizer = load_tokenizer(config.model)
     chat_format = build_chat_format(config.data.template, tokenizer, config.data.system)
     log.info("chat format: %s (end of turn %s)", chat_format.name, chat_format.end_of_turn)
+    if config.train.method != "sft":
+        return _prepare_pairs(config, machine, model_folder, tokenizer, chat_format)
     prepared = prepare_data(config, chat_format)
     data = prepared.train
     log.info(
@@ -117,6 +122,32 @@ def prepare(
         resolved,
         prepared.mixture,
     )
+
+
+def _prepare_pairs(
+    config: RunConfig,
+    machine: Machine | None,
+    model_folder: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    chat_format: ChatFormat,
+) -> Setup:
+    """`prepare` for train.method dpo or orpo: the preference pairs, the choices resolved for their lengths (chosen
+    + rejected: both sequences of a pair run in the same micro-batch)."""
+    prepared = prepare_preference_data(config, chat_format)
+    data, held_out = prepared.train, prepared.held_out
+    log.info(
+        "%d preference pairs trained on (%d sequences cut by max_length, %d pairs dropped), %d held out",
+        len(data.pairs),
+        data.truncated,
+        len(data.dropped),
+        len(held_out.pairs) if held_out else 0,
+    )
+    resolved = resolve_run(
+        config, machine or this_machine(), arch.read_model_config(model_folder), data.lengths, chat_format.name
+    )
+    resolved.log()
+    chosen_held_out = held_out.chosen() if held_out else Records([])
+    return Setup(data.chosen(), tokenizer, chat_format, data, chosen_held_out, [], resolved, prepared.mixture, held_out)
 
 
 def run(
@@ -153,16 +184,19 @@ def run(
     align_special_tokens(model, setup.tokenizer)
     set_seed(config.train.seed)  # the adapters' initial values too depend on the seed, not on what ran before
     model = attach_lora(model, config.lora, resolved.lora_targets, resolved.checkpointing)
+    if config.train.init_adapter:
+        load_adapter_weights(model, Path(config.train.init_adapter))
+        log.info("adapter initialised from %s", config.train.init_adapter)
     console.print(summary_table(model, title="Model with LoRA adapters"))
-    trainer = build_trainer(
-        config,
-        resolved,
-        model,
-        setup.tokenizer,
-        setup.data.rows,
-        setup.held_out_rows,
-        checkpoint_files=partial(save_run_files, config, setup, resolved),
-    )
+    checkpoint_files = partial(save_run_files, config, setup, resolved)
+    if isinstance(setup.data, PreferenceData):
+        trainer: LowtuneTrainer = build_preference_trainer(
+            config, resolved, model, setup.tokenizer, setup.data, setup.held_out_pairs, checkpoint_files
+        )
+    else:
+        trainer = build_trainer(
+            config, resolved, model, setup.tokenizer, setup.data.rows, setup.held_out_rows, checkpoint_files
+        )
     started = time.time()
     result = train_or_explain(trainer, checkpoint, resolved.plan)
     seconds = time.time() - started
@@ -304,6 +338,7 @@ def write_summary(
             "dropped": len(setup.data.dropped),
         },
         "trained_tokens_per_epoch": setup.data.trained_tokens,
+        "preference": _preference_summary(setup, trainer.state.log_history),
         "mixture": setup.mixture.to_dict() if setup.mixture.is_drawn else None,
         "peak_memory_gib": round(throughput.peak_memory_gib, 3),  # read before the bf16 benchmark raised it
         "throughput": throughput.summary(),
@@ -313,3 +348,17 @@ def write_summary(
         "config": config.model_dump(mode="json"),
     }
     (output / SUMMARY_FILE_NAME).write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def _preference_summary(setup: Setup, log_history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Pairs trained and held out, and the last evaluation's loss, rewards, margin and preference accuracy."""
+    if not isinstance(setup.data, PreferenceData):
+        return None
+    evaluations = [entry for entry in log_history if "eval_accuracy" in entry]
+    last = {key.removeprefix("eval_"): value for key, value in evaluations[-1].items()} if evaluations else None
+    return {
+        "method": setup.resolved.choices()["method"],
+        "pairs": len(setup.data.pairs),
+        "held_out_pairs": len(setup.held_out_pairs.pairs) if setup.held_out_pairs else 0,
+        "last_eval": last,
+    }

@@ -116,16 +116,20 @@ class SetBuilder:
 
 
 def encode_conversations(
-    conversations: Iterable[tuple[Sequence[Message], int]], chat_format: ChatFormat, max_length: int
+    conversations: Iterable[tuple[Sequence[Message], int]],
+    chat_format: ChatFormat,
+    max_length: int,
+    last_reply_only: bool = False,
 ) -> SetBuilder:
-    """Encodes (messages, line) pairs as they come, a batch per tokenizer call, into a SetBuilder."""
+    """Encodes (messages, line) pairs as they come, a batch per tokenizer call, into a SetBuilder; with
+    `last_reply_only` (preference pairs) only the final reply is trained, not the replies of the history."""
     builder = SetBuilder(len(chat_format.tokenizer), max_length)
     batch: list[tuple[Sequence[Message], int]] = []
 
     def flush() -> None:
         encoded = chat_format.encode_flags([messages for messages, _ in batch])
         for (messages, line), (ids, flags) in zip(batch, encoded, strict=True):
-            builder.add(ids, flags, digest_of(messages), line)
+            builder.add(ids, _last_reply(flags) if last_reply_only else flags, digest_of(messages), line)
         batch.clear()
 
     for item in conversations:
@@ -135,6 +139,13 @@ def encode_conversations(
     if batch:
         flush()
     return builder
+
+
+def _last_reply(flags: bytearray) -> bytearray:
+    """Only the last run of trained tokens (the final reply) stays trained."""
+    end = flags.rfind(1) + 1
+    start = flags.rfind(0, 0, end) + 1
+    return bytearray(start) + flags[start:]
 
 
 @dataclass

@@ -107,6 +107,11 @@ def to_messages(
 
 
 def _detect_format(record: dict[str, Any]) -> RecordFormat:
+    if "chosen" in record and "rejected" in record:
+        raise RecordError(
+            "a preference record (chosen, rejected) in a supervised run (train.method: sft)",
+            "set train.method: dpo or orpo to train on preference pairs, or give SFT records",
+        )
     if "messages" in record:
         return "chat"
     if "conversations" in record:

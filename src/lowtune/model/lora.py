@@ -42,6 +42,22 @@ def attach_lora(
 ADAPTER_CONFIG_FILE_NAME, MODEL_CARD_FILE_NAME = "adapter_config.json", "README.md"  # what peft writes
 
 
+def load_adapter_weights(model: PeftModel, folder: Path) -> None:
+    """Sets the adapters of `model` to those saved in `folder` (train.init_adapter: the run starts from them); the
+    two must have the same LoRA shape (preflight compares the lora settings first)."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    loaded = set_peft_model_state_dict(model, load_peft_weights(str(folder), device="cpu"))
+    missing = [key for key in loaded.missing_keys if "lora_" in key]
+    if missing or loaded.unexpected_keys:
+        raise UserError.one(
+            f"the adapter does not fit this model's LoRA layers ({len(missing)} missing, "
+            f"{len(loaded.unexpected_keys)} unexpected weights)",
+            folder,
+            fix="give train.init_adapter a run trained on the same base with the same lora settings",
+        )
+
+
 def name_base_portably(folder: Path, reference: str) -> None:
     """Rewrites the base that a saved adapter names (adapter_config.json's base_model_name_or_path, and peft's model
     card) as `reference` (`model.default.portable_reference`) instead of this machine's folder. Done on the saved

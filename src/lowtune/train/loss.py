@@ -10,11 +10,13 @@ choice (`train/resolve.py`).
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from lowtune import internals
 from lowtune.data.templates import IGNORE_INDEX
@@ -51,17 +53,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         targets = targets.clamp(min=0) if masked else targets  # an ignored row picks class 0, then counts zero
         for start in range(0, hidden.shape[0], rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
-            logits = _linear(hidden[rows].to(weight.dtype), weight, onednn).to(accumulate)  # (chunk, vocab)
-            log_probs = logits.log_softmax(dim=-1)  # one pass over the vocabulary (logsumexp takes four)
-            del logits
-            picked = log_probs.gather(1, targets[rows, None])[:, 0]
+            scale = None if counted is None else counted[rows]
+            picked = _picked_log_probs(hidden, weight, targets, rows, onednn, grad_hidden, scale)
             total -= picked.sum() if counted is None else picked.dot(counted[rows])
-            if grad_hidden is not None:
-                probs = log_probs.exp_()  # in place: the chunk's log-probabilities are not needed again
-                probs[torch.arange(probs.shape[0], device=probs.device), targets[rows]] -= 1.0
-                if counted is not None:
-                    probs.mul_(counted[rows, None])
-                grad_hidden[rows] = _linear(probs.to(weight.dtype), weight.T, onednn).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)
         return total
 
@@ -69,6 +63,57 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (grad_hidden,) = ctx.saved_tensors
         return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
+
+
+class ChunkedLinearLogProbs(torch.autograd.Function):
+    """Per row: log_softmax(hidden @ weight.T)[row, targets[row]], the weight frozen (preference losses need the
+    log-probability of each reply token, not their sum).
+
+    Row i's log-probability depends on row i's hidden state only, so its gradient, (onehot(targets) - p) @ weight
+    per chunk, is computed in the forward pass as the summed loss's is; backward scales row i by grad_output[i].
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, onednn: bool = False):
+        rows_per_chunk = chunk_rows(weight.shape[0], masked=False)
+        accumulate = torch.promote_types(weight.dtype, torch.float32)
+        picked = torch.empty(hidden.shape[0], dtype=accumulate, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None  # of -log p: negated in backward
+        for start in range(0, hidden.shape[0], rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            picked[rows] = _picked_log_probs(hidden, weight, targets, rows, onednn, grad_hidden)
+        ctx.save_for_backward(grad_hidden)
+        return picked
+
+    @staticmethod
+    def backward(ctx: Any, grad_picked: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * -grad_picked[:, None].to(grad_hidden.dtype), None, None, None
+
+
+def _picked_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    rows: slice,
+    onednn: bool,
+    grad_hidden: torch.Tensor | None,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(chunk,) log-probabilities of the targets of `hidden[rows]`; writes the gradient of their negated sum (each
+    row times `scale`, when given) into grad_hidden[rows], when grad_hidden is given."""
+    accumulate = torch.promote_types(weight.dtype, torch.float32)  # bf16/fp16 logits are upcast, as HF does
+    logits = _linear(hidden[rows].to(weight.dtype), weight, onednn).to(accumulate)  # (chunk, vocab)
+    log_probs = logits.log_softmax(dim=-1)  # one pass over the vocabulary (logsumexp takes four)
+    del logits
+    picked = log_probs.gather(1, targets[rows, None])[:, 0]
+    if grad_hidden is not None:
+        probs = log_probs.exp_()  # in place: the chunk's log-probabilities are not needed again
+        probs[torch.arange(probs.shape[0], device=probs.device), targets[rows]] -= 1.0
+        if scale is not None:
+            probs.mul_(scale[:, None])
+        grad_hidden[rows] = _linear(probs.to(weight.dtype), weight.T, onednn).to(hidden.dtype)
+    return picked
 
 
 def chunk_rows(vocab: int, masked: bool) -> int:
@@ -127,13 +172,42 @@ def causal_lm_loss(
     return total / torch.as_tensor(count, device=total.device, dtype=total.dtype)
 
 
+@dataclass
+class SequenceLogProbs(ModelOutput):
+    """Summed log-probabilities of the trained tokens of each sequence of a batch, and their counts."""
+
+    logps: torch.Tensor | None = None  # (sequences,)
+    tokens: torch.Tensor | None = None  # (sequences,)
+
+
+def sequence_log_probs(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    sequence_ids: torch.Tensor,
+    sequences: int,
+    weight: torch.Tensor,
+    onednn: bool = False,
+) -> SequenceLogProbs:
+    """Each of the `sequences` sequences' summed log-probability of its labels: position t predicts labels[t + 1],
+    which belongs to the sequence sequence_ids[t + 1] says (a padded row is one sequence; a packed row holds
+    several)."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    owners = sequence_ids[:, 1:][keep]  # (N,) the sequence of each target
+    picked = ChunkedLinearLogProbs.apply(hidden[:, :-1][keep], weight, targets[keep], onednn)  # (N,)
+    logps = picked.new_zeros(sequences).index_add(0, owners, picked)
+    tokens = picked.new_zeros(sequences).index_add(0, owners, torch.ones_like(picked))
+    return SequenceLogProbs(logps=logps, tokens=tokens)
+
+
 def install_hidden_state_loss(model: PreTrainedModel, kernel: str = "chunked", onednn: bool = False) -> None:
     """Makes `model.forward(..., labels=...)` return the loss computed from hidden states (and no logits).
 
     kernel: "chunked", "masked" or "liger" (see `linear_cross_entropy_sum`); "transformers" keeps the model's own
     loss, which a run whose output layer trains needs (the fused loss gives the head no gradient). Without labels
-    (generation) the model's own forward runs. The instance's forward is replaced, not the class's, so other models
-    in the process are untouched.
+    (generation) the model's own forward runs. With `sequence_ids` (preference pairs) it returns each sequence's
+    summed log-probability instead (`sequence_log_probs`). The instance's forward is replaced, not the class's, so
+    other models in the process are untouched.
     """
     head = model.get_output_embeddings()
     frozen_linear = isinstance(head, torch.nn.Linear) and not head.weight.requires_grad and head.bias is None
@@ -149,6 +223,7 @@ def install_hidden_state_loss(model: PreTrainedModel, kernel: str = "chunked", o
         **kwargs: Any,
     ) -> Any:
         kwargs.pop("real_tokens", None)  # PackedCollator's count of the tokens before padding, not a model input
+        sequence_ids, sequences = kwargs.pop("sequence_ids", None), kwargs.pop("sequences", None)
         if labels is None:
             return original_forward(input_ids=input_ids, **kwargs)
         # No cache: a loss never needs one, and with a cache transformers stops reading record boundaries from
@@ -159,6 +234,8 @@ def install_hidden_state_loss(model: PreTrainedModel, kernel: str = "chunked", o
         kwargs.pop("logits_to_keep", None)
         hidden = self.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state  # (B, T, H)
         weight = self.get_output_embeddings().weight
+        if sequence_ids is not None:
+            return sequence_log_probs(hidden, labels, sequence_ids, sequences, weight, onednn)
         return CausalLMOutputWithPast(loss=causal_lm_loss(hidden, labels, weight, num_items_in_batch, kernel, onednn))
 
     model.forward = types.MethodType(forward, model)

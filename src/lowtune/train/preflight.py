@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from lowtune.config import RunConfig
+from lowtune.config import CONFIG_FILE_NAME, RunConfig, load_run_config
+from lowtune.data.preference import check_pair_files
 from lowtune.data.read import check_files_exist, check_records
 from lowtune.data.split import held_out_count
 from lowtune.data.templates import input_separator
@@ -36,9 +38,14 @@ def check_before_loading(config: RunConfig, overwrite: bool = False, check_outpu
     check_paths(config, overwrite, check_output)
     data = config.data
     separator = input_separator(data.template)
-    records = check_records(data.files, data.format, separator, config.train.seed)
+    check = (
+        partial(check_records, fmt=data.format, input_separator=separator)
+        if config.train.method == "sft"
+        else check_pair_files
+    )
+    records = check(data.files, seed=config.train.seed)
     if data.eval_files:
-        held_out = check_records(data.eval_files, data.format, separator, config.train.seed)
+        held_out = check(data.eval_files, seed=config.train.seed)
     else:
         held_out = held_out_count(records, data.val_size, warn=False)  # a count leaving none to train on: an error
     if config.model.path:  # the embedded default (no path) is found, or converted, when the tokenizer loads
@@ -53,6 +60,26 @@ def check_paths(config: RunConfig, overwrite: bool = False, check_output: bool =
     if check_output and int(os.environ.get("RANK", "0")) == 0:  # other processes would see the first one's files
         check_output_dir(Path(config.output_dir), overwrite)
     check_files_exist(config.data.files + config.data.eval_files)
+    if config.train.init_adapter:
+        check_init_adapter(config)
+
+
+def check_init_adapter(config: RunConfig) -> None:
+    """train.init_adapter is a run folder whose lora settings are this run's (its adapter then fits the layers)."""
+    folder = Path(config.train.init_adapter)
+    if not (folder / CONFIG_FILE_NAME).is_file():
+        raise UserError.one(
+            "train.init_adapter is not a lowtune run folder (no lowtune.yaml)",
+            folder,
+            fix="give the folder of a run or checkpoint that lowtune train wrote",
+        )
+    theirs = load_run_config(folder).lora
+    if theirs != config.lora:
+        raise UserError.one(
+            f"train.init_adapter was trained with lora {theirs.model_dump()}, this run says {config.lora.model_dump()}",
+            folder,
+            fix="give this run the adapter's lora settings",
+        )
 
 
 def check_output_dir(output: Path, overwrite: bool) -> None:

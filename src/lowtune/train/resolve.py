@@ -57,6 +57,32 @@ BF16_ON_AVX2_SLOWDOWN = "~30x"  # a bf16 matrix product against fp32 on a CPU wi
 OFF = Checkpointing("off")
 
 
+DEFAULT_BETA, DEFAULT_ORPO_LAMBDA = 0.1, 0.1  # DPO's beta (the DPO paper's), ORPO's lambda (TRL's default)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A preference method and its weight: DPO's beta, or ORPO's lambda."""
+
+    method: str  # "dpo" or "orpo"
+    weight: float
+
+    @classmethod
+    def of(cls, train: Any) -> Objective:
+        if train.method == "dpo":
+            return cls("dpo", train.beta if train.beta is not None else DEFAULT_BETA)
+        return cls("orpo", train.orpo_lambda if train.orpo_lambda is not None else DEFAULT_ORPO_LAMBDA)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.method == "dpo"
+
+    def describe(self) -> str:
+        if self.method == "dpo":
+            return f"DPO, beta {self.weight:g}, reference: the starting model's log-probabilities, computed once"
+        return f"ORPO, lambda {self.weight:g} (chosen reply's loss + lambda x odds-ratio loss; no reference)"
+
+
 @dataclass(frozen=True)
 class Batching:
     """What one micro-batch and one optimizer step hold: as configured, and how many configured micro-batches run
@@ -85,6 +111,8 @@ class Batching:
 class Resolved:
     """The run's choices (see the module docstring); `reasons` says why each was made."""
 
+    method: str  # "sft", "dpo" or "orpo" (train.method)
+    objective: Objective | None  # the preference loss and its weight (dpo, orpo)
     machine: str
     device: str  # "cuda:N" or "cpu"
     loading: Loading
@@ -118,6 +146,7 @@ class Resolved:
     def choices(self) -> dict[str, Any]:
         """Every choice as plain values (what resolved.yaml holds and resume compares)."""
         return {
+            "method": self.method if self.objective is None else f"{self.method} ({self.objective.weight:g})",
             "device": self.device,
             "precision": self.loading.precision,
             "autocast": self.autocast or "none",
@@ -317,6 +346,15 @@ def resolve_run(
     packing = _packing(train.packing, on_gpu, decisions)
     attention = _attention(train.attention, machine, on_gpu, packing, max(lengths), decisions)
     batching = _batching(train, packing, lengths, decisions)
+    preference = train.method != "sft"
+    objective = Objective.of(train) if preference else None
+    decisions.why("method", objective.describe() if objective else "supervised fine-tuning on the records' replies")
+    if preference and head_trains:
+        decisions.refuse(
+            f"train.method: {train.method} needs a frozen output layer (the log-probabilities come from hidden "
+            "states); lora.target_modules trains lm_head",
+            "drop lm_head from lora.target_modules",
+        )
     graphs = _cuda_graphs(train, on_gpu, packing, attention, fused, head_trains, loading, batching, decisions)
     compute = loading.compute_dtype or loading.precision
     base_weights, onednn = _base_products(fused, on_gpu, shape, compute, machine, decisions)
@@ -324,6 +362,9 @@ def resolve_run(
     if warning:
         decisions.warnings.append(warning)
     loss = _loss(head_trains, liger, graphs, decisions)
+    if preference:
+        loss = "chunked"
+        decisions.why("loss", "per-token log-probabilities from hidden states, a chunk at a time, summed per reply")
     run_shape = None
     if shape is not None:
         run_shape = RunShape(
@@ -358,11 +399,13 @@ def resolve_run(
     remake_down = True
     if fused and run_shape is not None:
         remake_down, plan = _down_input(checkpointing, plan, machine, on_gpu, run_shape, decisions)
-    if graphs:
+    if graphs or preference:
         liger = tuple(part for part in liger if part != "fused_linear_cross_entropy")
     decisions.raise_problems()
     length = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs or 1:g} epochs"
     return Resolved(
+        method=train.method,
+        objective=objective,
         machine=machine.describe(),
         device=device,
         loading=loading,
@@ -485,6 +528,8 @@ def _cuda_graphs(
         blocker = "the output layer trains: transformers' loss selects labelled positions, a shape set by the data"
     elif loading.precision == "fp16":
         blocker = "fp16 scales the loss for each backward pass outside the captured graph"
+    elif train.method != "sft":
+        blocker = "preference pairs: a batch's sequence count and reference log-probabilities vary with the data"
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         blocker = "several processes: DDP reduces gradients through hooks that a captured backward skips"
     if blocker is not None:

@@ -312,16 +312,10 @@ def build_trainer(
     """A Trainer for `model` (with its LoRA adapters) on the encoded `rows`, as `resolved` chose."""
     batching = resolved.batching
     lengths = [len(row["input_ids"]) for row in rows]
-    set_attention(model.get_base_model(), resolved.attention)
-    if batching.packed:
-        collator = PackedCollator(BUCKET if resolved.cuda_graphs else None, tokenizer.pad_token_id or 0)
-    else:
-        collator = PaddedCollator(tokenizer.pad_token_id)
+    collator = prepare_model_and_collator(model, resolved, tokenizer)
     sampler = LengthBucketBatchSampler(
         lengths, batching.records or 1, batching.tokens, batching.packed, config.train.seed, merge=batching.merged
     )
-    install_hidden_state_loss(model.get_base_model(), resolved.loss, resolved.onednn)
-    apply_kernels(model, resolved)
     trainer = LowtuneTrainer(
         model=model,
         args=training_arguments(config, resolved, evaluate=bool(eval_rows)),
@@ -333,6 +327,23 @@ def build_trainer(
         checkpoint_files=checkpoint_files,
         cuda_graphs=resolved.cuda_graphs,
     )
+    return with_callbacks(trainer, config)
+
+
+def prepare_model_and_collator(
+    model: PreTrainedModel, resolved: Resolved, tokenizer: PreTrainedTokenizerBase
+) -> PackedCollator | PaddedCollator:
+    """Sets the model's attention, loss from hidden states and kernels as resolved; returns the rows' collator."""
+    set_attention(model.get_base_model(), resolved.attention)
+    install_hidden_state_loss(model.get_base_model(), resolved.loss, resolved.onednn)
+    apply_kernels(model, resolved)
+    if resolved.batching.packed:
+        return PackedCollator(BUCKET if resolved.cuda_graphs else None, tokenizer.pad_token_id or 0)
+    return PaddedCollator(tokenizer.pad_token_id)
+
+
+def with_callbacks(trainer: LowtuneTrainer, config: RunConfig) -> LowtuneTrainer:
+    """lowtune's progress bar, final evaluation, Ctrl-C checkpoint, throughput meter, TensorBoard and metrics file."""
     for callback in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(callback)
     trainer.add_callback(RichProgressCallback())
