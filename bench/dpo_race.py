@@ -1,7 +1,10 @@
 """One DPO race: lowtune's DPO against TRL's DPOTrainer + peft (the plain recipe), same model, pairs and batch.
 
-    PYTHONPATH=src python bench/dpo_race.py --model /path/to/qwen-7b-shape --steps 10 --warmup 3     # on the GPU
+    PYTHONPATH=src python bench/dpo_race.py --model qwen-7b --steps 10 --warmup 3                    # on the GPU
     PYTHONPATH=src python bench/dpo_race.py --steps 3 --warmup 1 --pairs 32 --batch 4               # CPU, tiny model
+
+`--model qwen-7b` writes random weights of Qwen-7B's shape (lowtune.bench.model) with the Qwen tokenizer to a
+temporary folder first; `--model FOLDER` races a model of your own.
 
 Both sides: 4-bit NF4 + double quantization (--quantization none for bf16/fp32), LoRA r 8, alpha 32 on all seven
 projections, beta 0.1, lr 1e-4, the same preference pairs built from the bundled Chat-甄嬛 data (chosen: a record's
@@ -64,17 +67,28 @@ def build_pairs(count: int, folder: Path) -> Path:
     return path
 
 
-def tiny_model(folder: Path) -> Path:
-    """A small Qwen2 (hidden 256, 2 layers, Qwen's vocabulary) with the real Qwen tokenizer, for a CPU check."""
+def random_model(folder: Path, name: str | None) -> Path:
+    """Random weights with the real Qwen tokenizer: Qwen-7B's shape for `qwen-7b` (built in bf16 on the GPU), else a
+    small Qwen2 (hidden 256, 2 layers, Qwen's vocabulary) for a CPU check."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from lowtune import internals
+    from lowtune.bench.model import qwen_7b_config
     from lowtune.model.qwen_tokenizer import build_qwen_tokenizer
 
     torch.manual_seed(0)
-    shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
-    Qwen2ForCausalLM(
-        Qwen2Config(vocab_size=151936, num_key_value_heads=2, tie_word_embeddings=False, **shape)
-    ).save_pretrained(folder)
+    if name == "qwen-7b":
+        with torch.device("cuda"):
+            model = internals.model_from_config(Qwen2ForCausalLM, qwen_7b_config(), torch.bfloat16)
+    else:
+        shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
+        model = Qwen2ForCausalLM(
+            Qwen2Config(vocab_size=151936, num_key_value_heads=2, tie_word_embeddings=False, **shape)
+        )
+    model.save_pretrained(folder)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the sides run in processes of their own, each with the whole GPU
     tokenizer = build_qwen_tokenizer()
     tokenizer.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -108,6 +122,7 @@ def lowtune_config(args: argparse.Namespace, pairs: Path, output: Path):
             "train.learning_rate=1e-4",
             "train.save_steps=0",
             "train.logging_steps=1",
+            f"train.gradient_checkpointing={args.checkpointing}",
         ],
     )
 
@@ -200,7 +215,7 @@ def side(args: argparse.Namespace) -> None:
     )
     result = {
         "bench": "dpo_race",
-        "side": args.side if args.side == "lowtune" else "trl DPOTrainer + peft",
+        "side": f"lowtune (checkpointing {args.checkpointing})" if args.side == "lowtune" else "trl DPOTrainer + peft",
         "model": str(args.model),
         "quantization": args.quantization,
         "pairs_per_step": args.batch,
@@ -220,7 +235,12 @@ def side(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="model folder; empty: a tiny Qwen2 built for a CPU check")
+    parser.add_argument("--model", help="a model folder, or qwen-7b (random, on the GPU); empty: a tiny Qwen2 (CPU)")
+    parser.add_argument(
+        "--checkpointing",
+        default="true",
+        help="lowtune's train.gradient_checkpointing, comma-separated for one lowtune run each (TRL's default: on)",
+    )
     parser.add_argument("--quantization", default="4bit", choices=["4bit", "none"])
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
@@ -233,11 +253,13 @@ def main() -> None:
         side(args)
         return
     folder = Path(tempfile.mkdtemp())
-    model = args.model or str(tiny_model(folder / "model"))
+    given = args.model and args.model != "qwen-7b"
+    model = args.model if given else str(random_model(folder / "model", args.model))
     pairs = build_pairs(args.pairs, folder)
-    for name in ("lowtune", "trl"):
+    sides = [("lowtune", mode) for mode in args.checkpointing.split(",")] + [("trl", "true")]
+    for name, checkpointing in sides:
         command = [sys.executable, __file__, "--side", name, "--pairs-file", str(pairs), "--model", model]
-        command += ["--quantization", args.quantization, "--batch", str(args.batch)]
+        command += ["--quantization", args.quantization, "--batch", str(args.batch), "--checkpointing", checkpointing]
         command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
         subprocess.run(command, check=True)
 
