@@ -256,7 +256,8 @@ def main() -> None:
     given = args.model and args.model != "qwen-7b"
     model = args.model if given else str(random_model(folder / "model", args.model))
     pairs = build_pairs(args.pairs, folder)
-    sides = [("lowtune", mode) for mode in args.checkpointing.split(",")] + [("trl", "true")]
+    first, *others = args.checkpointing.split(",")  # TRL right after the first: the pair of the race comes first
+    sides = [("lowtune", first), ("trl", "true")] + [("lowtune", mode) for mode in others]
     for name, checkpointing in sides:
         command = [sys.executable, __file__, "--side", name, "--pairs-file", str(pairs), "--model", model]
         command += ["--quantization", args.quantization, "--batch", str(args.batch), "--checkpointing", checkpointing]
