@@ -152,7 +152,7 @@ def run(
     model = load_weights(config.model, resolved.loading)
     align_special_tokens(model, setup.tokenizer)
     set_seed(config.train.seed)  # the adapters' initial values too depend on the seed, not on what ran before
-    model = attach_lora(model, config.lora, resolved.lora_targets, resolved.checkpointing)
+    model = attach_lora(model, config.lora, resolved.lora_targets, resolved.checkpointing, run_dir=output)
     console.print(summary_table(model, title="Model with LoRA adapters"))
     trainer = build_trainer(
         config,
