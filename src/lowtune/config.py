@@ -90,6 +90,11 @@ class ModelSettings(_Section):
             raise UserError([_problem_from(e, source, {}) for e in error.errors()]) from None
 
 
+LoraVariant = Literal["lora", "dora", "rslora"]
+LoraInit = Literal["default", "pissa", "olora", "loftq"]
+BASE_CHANGING_INITS = ("pissa", "olora")  # they subtract their starting product from the base weights
+
+
 class LoraSettings(_Section):
     r: int = Field(8, gt=0, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
@@ -100,12 +105,63 @@ class LoraSettings(_Section):
         "a regex matched against full module names, or all-linear.",
     )
 
+    variant: LoraVariant = Field(
+        "lora",
+        description="lora: W + (alpha / r) B A. rslora: the same with the scale alpha / sqrt(r), which keeps the "
+        "update's size as r grows (rank-stabilised LoRA; at equal alpha a larger update: lower the learning rate "
+        "or alpha). "
+        "dora: the update's direction by LoRA and each output row's length by a trained magnitude vector (weight-"
+        "decomposed LoRA); more memory and time a step, peft's own modules (no fused LoRA), not on 8bit.",
+    )
+    init: LoraInit = Field(
+        "default",
+        description="How the adapters start. default: A random, B zero (the update starts at nothing). pissa: A and B "
+        "from the base weight's largest singular directions, which the base then gives up (unquantized bases "
+        "only). olora: the same from a QR decomposition (unquantized bases only). loftq: A and B that make up "
+        "for the 4-bit quantization error, from the model's unquantized safetensors weights (quantization: 4bit "
+        "only). pissa and olora adapters are saved as plain LoRA of rank 2r that applies to the untouched base.",
+    )
+
     @field_validator("target_modules")
     @classmethod
     def _not_empty(cls, value: list[str] | str) -> list[str] | str:
         if not value:
             raise ValueError("must name at least one module (or say all-linear)")
         return value
+
+    @model_validator(mode="after")
+    def _dora_starts_by_default(self) -> LoraSettings:
+        if self.variant == "dora" and self.init != "default":
+            raise ValueError(
+                f"lora.init {self.init} with lora.variant dora: DoRA takes its magnitudes from the starting weights, "
+                "and peft converts (pissa, olora) or sets (loftq) only A and B; set lora.init: default, or "
+                "lora.variant: lora or rslora"
+            )
+        return self
+
+    def quantization_problem(self, quantization: str) -> str | None:
+        """Why `init` cannot start adapters on a base quantized as `quantization`, or None."""
+        if self.init in BASE_CHANGING_INITS and quantization != "none":
+            return (
+                f"lora.init {self.init} moves the adapters' starting part out of the base weights (W - s B A), and a "
+                f"{quantization} base cannot hold that residual exactly: peft re-quantizes it (olora) or refuses "
+                "(pissa), and the adapter saved for the original base would no longer reproduce the trained model; "
+                "set model.quantization: none, or lora.init: loftq (4bit) or default"
+            )
+        if self.variant == "dora" and quantization == "8bit":
+            return (
+                "lora.variant dora on an 8bit base: peft's DoRA dequantizes the LLM.int8 weight through its "
+                "quantization state, after which bitsandbytes' next 8-bit product finds no row scales (it fails at "
+                "the second step, peft 0.22, bitsandbytes 0.50); set model.quantization: 4bit or none, or "
+                "lora.variant: lora or rslora"
+            )
+        if self.init == "loftq" and quantization != "4bit":
+            return (
+                f"lora.init loftq makes up for the 4-bit quantization error, and this base is {quantization} "
+                "(peft's LoftQ for a loaded model covers bitsandbytes 4-bit only); set model.quantization: 4bit, "
+                "or lora.init: default"
+            )
+        return None
 
 
 # The record formats and the canonical column names of each: what `columns` of a data.files entry may map.
@@ -370,6 +426,23 @@ class RunConfig(_Section):
     data: DataSettings = Field(default_factory=DataSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     output_dir: str = Field("runs/lowtune", description="Folder that receives checkpoints, adapter and reports.")
+
+    @model_validator(mode="after")
+    def _lora_init_fits_the_quantization(self) -> RunConfig:
+        problem = self.lora.quantization_problem(self.model.quantization)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _a_starting_adapter_is_the_start(self) -> RunConfig:
+        if self.train.init_adapter and self.lora.init != "default":
+            raise ValueError(
+                f"train.init_adapter and lora.init {self.lora.init} both say how the adapters start: the saved "
+                "adapter's weights replace what the init computed (and pissa or olora would have changed the base "
+                "under it); drop lora.init or train.init_adapter"
+            )
+        return self
 
     @model_validator(mode="after")
     def _evaluation_needs_held_out_records(self) -> RunConfig:

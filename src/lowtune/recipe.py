@@ -183,7 +183,7 @@ def run(
     model = load_weights(config.model, resolved.loading)
     align_special_tokens(model, setup.tokenizer)
     set_seed(config.train.seed)  # the adapters' initial values too depend on the seed, not on what ran before
-    model = attach_lora(model, config.lora, resolved.lora_targets, resolved.checkpointing)
+    model = attach_lora(model, config.lora, resolved.lora_targets, resolved.checkpointing, run_dir=output)
     if config.train.init_adapter:
         load_adapter_weights(model, Path(config.train.init_adapter))
         log.info("adapter initialised from %s", config.train.init_adapter)

@@ -92,7 +92,7 @@ def test_an_input_made_again_in_the_backward_gives_the_same_gradients_and_is_not
     assert kept[0] - kept[1] == x.numel()
 
 
-def lora_model(folder, quantization=None, dropout=0.0):
+def lora_model(folder, quantization=None, dropout=0.0, **lora):
     kwargs = {}
     if quantization == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -109,7 +109,10 @@ def lora_model(folder, quantization=None, dropout=0.0):
                 internals.keep_cpu_4bit_layout(module)
     torch.manual_seed(0)
     model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False)
+        model,
+        LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False, **lora
+        ),
     )
     install_hidden_state_loss(model.get_base_model())
     return model
@@ -122,13 +125,13 @@ def loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def assert_fused_equals_peft(folder, family, quantization, kernels):
+def assert_fused_equals_peft(folder, family, quantization, kernels, **lora):
     torch.manual_seed(0)
     input_ids = torch.randint(0, 5000, (2, 9))
     batch = {"input_ids": input_ids, "labels": input_ids.clone(), "attention_mask": torch.ones_like(input_ids)}
-    reference = lora_model(folder, quantization)
+    reference = lora_model(folder, quantization, **lora)
     loss_reference, grads_reference = loss_and_grads(reference, batch)
-    fused = lora_model(folder, quantization)
+    fused = lora_model(folder, quantization, **lora)
     assert fuse_lora(fused, family, GroupKernels(**KERNELS[kernels])) == 2  # both decoder layers
     loss_fused, grads_fused = loss_and_grads(fused, batch)
     # 8-bit: the fused path multiplies by the dequantized weight, peft by LLM.int8 (int8 activations): close only.
@@ -143,6 +146,14 @@ def assert_fused_equals_peft(folder, family, quantization, kernels):
 @pytest.mark.parametrize("quantization", [None, "4bit", "8bit"])
 def test_fused_model_equals_peft(tiny_qwen2, quantization, kernels):
     assert_fused_equals_peft(tiny_qwen2, llama.FAMILY, quantization, kernels)
+
+
+@pytest.mark.parametrize("quantization", [None, "4bit"])
+def test_fused_rslora_equals_peft(tiny_qwen2, quantization):
+    """rsLoRA is plain LoRA with the scale alpha / sqrt(r): the fused groups take peft's own scale."""
+    assert_fused_equals_peft(tiny_qwen2, llama.FAMILY, quantization, "per use", use_rslora=True)
+    model = lora_model(tiny_qwen2, quantization, use_rslora=True)
+    assert internals.plain_lora_parts(model.base_model.model.model.layers[0].self_attn.q_proj).scale == 8 / 4**0.5
 
 
 @pytest.mark.parametrize("kernels", ["per use", "cached"])

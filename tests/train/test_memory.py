@@ -122,3 +122,17 @@ def test_the_cpu_plan_holds_the_default_examples_peak_resident_memory(tmp_path):
     record = json.loads(done.stdout.strip().splitlines()[-1])
     assert record["plan"]["device"] == "cpu" and record["largest_tokens"] == 4096
     assert record["planned_gib"] == pytest.approx(record["peak_rss_gib"], rel=0.15), record
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_dora_adds_its_magnitudes_what_its_forward_keeps_and_the_weight_norm(dropout):
+    """Per adapted layer: a magnitude per output row (16 bytes with its gradient and moments), B A x kept (and,
+    with dropout, the base output again and the dequantized weight), and the largest layer's norm of W + s B A."""
+    plain, dora = (run_shape(fused=False, dropout=dropout, dora=d).plan(Checkpointing("off")) for d in (False, True))
+    projections = SHAPE.projections().values()
+    outputs = sum(o for _, o in projections)
+    assert dora.adapters - plain.adapters == 16 * outputs * SHAPE.layers
+    kept = 2 * outputs * (2 if dropout else 1) * 16384 + (2 * sum(i * o for i, o in projections) if dropout else 0)
+    transient = max(4 * i * i + 14 * i * o for i, o in projections)
+    assert dora.activations - plain.activations == SHAPE.layers * kept + transient
+    assert dora.weights == plain.weights and dora.loss == plain.loss

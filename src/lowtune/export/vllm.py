@@ -36,7 +36,8 @@ def vllm_problems(config: dict[str, Any]) -> list[Problem]:
     """What in a PEFT adapter_config.json vLLM's LoRA loader would refuse."""
     problems = []
     if config.get("use_dora"):
-        problems.append(Problem("vLLM does not serve DoRA adapters", fix="train plain LoRA (lora.use_dora: false)"))
+        fix = "train plain LoRA (lora.variant: lora or rslora)"
+        problems.append(Problem("vLLM does not serve DoRA adapters", fix=fix))
     if config.get("modules_to_save"):
         problems.append(Problem(f"vLLM takes no modules_to_save ({config['modules_to_save']})"))
     if config.get("bias", "none") != "none":

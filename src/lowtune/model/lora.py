@@ -3,22 +3,43 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
-from lowtune.config import LoraSettings
+from lowtune.config import BASE_CHANGING_INITS, LoraSettings
 from lowtune.errors import UserError
 from lowtune.model.checkpointing import Checkpointing, enable_checkpointing
 
+log = logging.getLogger(__name__)
+
+
+# peft's init_lora_weights for each lora.init (pissa: the exact SVD, not the randomised one, so that a resumed run
+# starts from the same residual base)
+PEFT_INITS = {"default": True, "pissa": "pissa", "olora": "olora", "loftq": True}
+INITIAL_ADAPTER_DIR = "initial_adapter"  # in the run folder: pissa's or olora's starting A and B
+TRAINING_ADAPTER_DIR = "training_adapter"  # in a checkpoint: the adapter as trained (on the residual base), to resume
+
 
 def attach_lora(
-    model: PreTrainedModel, settings: LoraSettings, targets: list[str] | str, checkpointing: Checkpointing
+    model: PreTrainedModel,
+    settings: LoraSettings,
+    targets: list[str] | str,
+    checkpointing: Checkpointing,
+    run_dir: Path | None = None,
 ) -> PeftModel:
     """Wraps `model` with trainable LoRA adapters on `targets` (the resolved `lora.target_modules`, in the loaded
-    model's names); the base stays frozen (and quantized, if it was)."""
+    model's names), started as `settings.init` says; the base stays frozen (and quantized, if it was).
+
+    pissa and olora subtract their starting product from the base weights: that start is kept in `run_dir`
+    (INITIAL_ADAPTER_DIR) so that saved adapters apply to the untouched base (`save_adapter`). loftq sets A and B
+    from the unquantized weights in the model's safetensors files.
+    """
     _check_targets(model, targets)
     enable_checkpointing(model, checkpointing)
     config = LoraConfig(
@@ -27,9 +48,12 @@ def attach_lora(
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=targets,
+        use_dora=settings.variant == "dora",
+        use_rslora=settings.variant == "rslora",
+        init_lora_weights=PEFT_INITS[settings.init],
     )
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as error:  # peft's message when a regex or name matches no layer
         if "target" not in str(error).lower():
             raise
@@ -37,9 +61,73 @@ def attach_lora(
             f"lora.target_modules {targets!r} matches no layer of this model",
             fix="linear layers here: " + ", ".join(linear_module_names(model)),
         ) from None
+    if settings.init == "loftq":
+        _loftq(peft_model)
+    if settings.init in BASE_CHANGING_INITS:
+        _keep_initial_adapter(peft_model, _run_dir_for(settings, run_dir))
+    return peft_model
+
+
+def changes_base(model: PeftModel) -> bool:
+    """Whether the adapter started by moving part of the base weights into itself (pissa, olora)."""
+    return model.peft_config["default"].init_lora_weights in BASE_CHANGING_INITS
+
+
+def save_adapter(model: PeftModel, folder: Path, run_dir: Path) -> None:
+    """The adapter in `folder` as plain LoRA for the untouched base: for pissa and olora, the trained A and B with
+    their starting ones appended (rank 2r, peft's conversion: W + s (B A - B0 A0) = W_res + s B A), and the adapter
+    as trained moved to TRAINING_ADAPTER_DIR, which resuming loads. Other adapters are saved as they are already."""
+    if not changes_base(model):
+        return
+    trained = folder / TRAINING_ADAPTER_DIR
+    trained.mkdir(exist_ok=True)
+    for name in (ADAPTER_CONFIG_FILE_NAME, ADAPTER_WEIGHTS_FILE_NAME):
+        os.replace(folder / name, trained / name)
+    model.save_pretrained(str(folder), path_initial_model_for_weight_conversion=str(run_dir / INITIAL_ADAPTER_DIR))
+    rank = 2 * model.peft_config["default"].r
+    log.info("adapter saved as plain LoRA of rank %d for the original base in %s", rank, folder)
+
+
+def _run_dir_for(settings: LoraSettings, run_dir: Path | None) -> Path:
+    if run_dir is None:
+        raise ValueError(f"lora.init {settings.init} keeps its starting adapter in the run folder: give run_dir")
+    return run_dir
+
+
+def _keep_initial_adapter(model: PeftModel, run_dir: Path) -> None:
+    """Saves the starting A and B (peft's conversion reads them back as an adapter whose init must not run again)."""
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True
+    try:
+        model.save_pretrained(str(run_dir / INITIAL_ADAPTER_DIR))
+    finally:
+        config.init_lora_weights = init
+
+
+def _loftq(model: PeftModel) -> None:
+    """peft's LoftQ for a loaded 4-bit model: A and B that make up for each layer's quantization error, from the
+    unquantized weights of the model folder's safetensors files."""
+    from peft import replace_lora_weights_loftq
+
+    folder = Path(model.get_base_model().config._name_or_path)
+    if not any(folder.glob("*.safetensors")):
+        raise UserError.one(
+            "lora.init loftq reads the model's unquantized weights from its safetensors files, and this folder has "
+            "none (a Qwen-1 checkpoint is converted when loaded)",
+            folder,
+            fix="set lora.init: default, or save the model with safetensors",
+        )
+    replace_lora_weights_loftq(model, model_path=str(folder))
+    # peft makes B A the residual's best rank-r part, ignoring the scale s that the forward multiplies it by (right
+    # only for alpha = r; with s = 2 the start is as far from W as Q(W) was): B / s makes s B A that part.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.lora_B["default"].weight.div_(module.scaling["default"])
 
 
 ADAPTER_CONFIG_FILE_NAME, MODEL_CARD_FILE_NAME = "adapter_config.json", "README.md"  # what peft writes
+ADAPTER_WEIGHTS_FILE_NAME = "adapter_model.safetensors"
 
 
 def load_adapter_weights(model: PeftModel, folder: Path) -> None:

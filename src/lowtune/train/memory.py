@@ -6,7 +6,8 @@ Counted from the model family's shape (`model/arch`) and the run's choices, part
   scales with double quantization, else an fp32 scale per 64; LLM.int8: 8 bits + an fp32 scale per row), every other
   weight (embeddings, head, norms, biases) in `precision`; and, where the base products are cached, a dense copy of
   every linear weight in the compute dtype;
-- adapters: fp32 LoRA weights, their gradients and AdamW's two moments (16 bytes a weight);
+- adapters: fp32 LoRA weights, their gradients and AdamW's two moments (16 bytes a weight); with DoRA its
+  magnitude vectors too, and what its forward keeps and computes (`dora_bytes`);
 - checkpoints: with gradient checkpointing, every checkpointed decoder layer's input (hidden x 2 bytes a token);
   offloaded to the host, only the two in flight (the layer being recomputed and the next one's, prefetched);
 - activations: what autograd keeps for each layer that is not checkpointed, or for the one being recomputed, from
@@ -104,6 +105,7 @@ class RunShape:
     tokens: int  # in the largest micro-batch
     dropout: float
     fused: bool
+    dora: bool = False  # lora.variant dora (peft's modules; see `dora_bytes`)
     loss: str = "liger"  # the loss kernel (train/loss.py): the chunked ones hold a chunk of logits
     dense_copy_bytes: int = 0  # the cached dense base weights (GroupKernels.dequantize_once)
     remake_down: bool = True  # the fused MLP makes down's input again in the backward pass (GroupKernels)
@@ -133,11 +135,16 @@ class RunShape:
         # The layers kept whole are the last ones: their activations are gone before the first recomputation.
         layers_alive = max(shape.layers - checkpointed, 1 if checkpointed else 0)
         adapted = sum(i + o for name, (i, o) in shape.projections().items() if name in self.targets)
+        dora = DoraBytes(0, 0, 0, 0)
+        if self.dora:
+            dora = dora_bytes(shape, self.targets, self.dropout, PRECISION_BYTES[self.precision] if on_cpu else BF16)
         return MemoryPlan(
             weights=weight_bytes(shape, self.quantization, self.precision, self.double_quant) + self.dense_copy_bytes,
-            adapters=16 * self.rank * adapted * shape.layers,
+            adapters=16 * self.rank * adapted * shape.layers + dora.magnitudes,
             checkpoints=on_gpu * layer_input,
-            activations=layers_alive * layer_bytes + backward_bytes,
+            activations=layers_alive * (layer_bytes + dora.per_token * tokens + dora.per_layer)
+            + backward_bytes
+            + dora.transient,
             loss=2 * tokens * shape.hidden * BF16 + chunk_peak_bytes(tokens, shape.vocab, self.loss),
             tokens=tokens,
             checkpointing=checkpointing,
@@ -146,6 +153,34 @@ class RunShape:
             device="cpu" if on_cpu else "cuda",
             process=HOST_BASELINE if on_cpu else 0.0,
         )
+
+
+@dataclass(frozen=True)
+class DoraBytes:
+    magnitudes: int  # the magnitude vectors (one fp32 weight per output row), their gradients and AdamW's moments
+    per_token: float  # kept per token and layer
+    per_layer: float  # kept per layer whatever the tokens
+    transient: float  # while one layer computes its weight norm
+
+
+def dora_bytes(shape: Shape, targets: frozenset[str], dropout: float, width: int) -> DoraBytes:
+    """What peft's DoRA (`peft/tuners/lora/dora.py`) adds to plain LoRA, with activations `width` bytes wide.
+
+    - Each adapted layer trains a magnitude vector, one fp32 weight per output row: 16 bytes each with its gradient
+      and AdamW's two moments.
+    - Its output (m / ||W + s B A||) (W x) + (m / ||W + s B A||) s B A x keeps the LoRA product B A x for the
+      magnitude's gradient (the base output it also needs is peft's clone, counted already); with dropout, the base
+      output is computed again from the dropped input, which keeps that output and the dequantized weight itself.
+    - Every forward pass computes the row norms of W + s B A: an identity (in x in, fp32) through the adapter gives
+      B A (out x in, fp32), the weight is dequantized (`width`), s B A and the sum are made in fp32; the largest
+      adapted layer sets that transient.
+    """
+    adapted = {name: size for name, size in shape.projections().items() if name in targets}
+    outputs = sum(o for _, o in adapted.values())
+    per_token = width * outputs * (2 if dropout else 1)
+    per_layer = width * sum(i * o for i, o in adapted.values()) if dropout else 0
+    transient = max((4 * i * i + (12 + width) * i * o for i, o in adapted.values()), default=0)
+    return DoraBytes(16 * outputs * shape.layers, per_token, per_layer, transient)
 
 
 def linear_weights(shape: Shape) -> int:

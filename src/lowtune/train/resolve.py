@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from rich.table import Table
 
-from lowtune.config import ModelSettings, RunConfig
+from lowtune.config import BASE_CHANGING_INITS, LoraSettings, ModelSettings, RunConfig
 from lowtune.data.pack import padded_length
 from lowtune.errors import Problem, UserError
 from lowtune.machine import Machine
@@ -130,6 +130,7 @@ class Resolved:
     length: str  # "N steps" or "N epochs"
     chat_format: str
     cuda_graphs: bool = False  # each micro-batch's pass replayed from a CUDA graph (train/graphs.py)
+    lora_variant: str = "lora, init default"  # lora.variant and lora.init, as peft applies them
     remake_down: bool = True  # the fused MLP makes down's input again in its backward pass (GroupKernels)
     reasons: dict[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
@@ -154,6 +155,7 @@ class Resolved:
             | {"device_map": _device_map_text(self.loading.device_map)},
             "family": self.family or "none (peft's LoRA modules)",
             "lora_targets": self.lora_targets,
+            "lora_variant": self.lora_variant,
             "fused_lora": self.fused_lora,
             "liger": list(self.liger),
             "loss": self.loss,
@@ -340,7 +342,8 @@ def resolve_run(
     if mapping:
         decisions.why("lora_targets", "Qwen-1 names: " + ", ".join(f"{k} -> {'/'.join(v)}" for k, v in mapping.items()))
     shape = family.shape(model_config) if family else None
-    fused = _fused_lora(train.fused_lora, family, model_config, shape, targets, decisions)
+    lora_variant = _lora_variant(config.lora, decisions)
+    fused = _fused_lora(train.fused_lora, family, model_config, shape, targets, config.lora.variant, decisions)
     head_trains = isinstance(targets, list) and "lm_head" in targets
     liger = _liger(train.liger, machine, on_gpu, family, head_trains, decisions)
     packing = _packing(train.packing, on_gpu, decisions)
@@ -377,6 +380,7 @@ def resolve_run(
             tokens=batching.largest,
             dropout=config.lora.dropout,
             fused=fused,
+            dora=config.lora.variant == "dora",
             loss=loss,
             dense_copy_bytes=_dense_copy_bytes(shape, compute) if base_weights == "cached" else 0,
             device=device if on_gpu else "cpu",
@@ -411,6 +415,7 @@ def resolve_run(
         loading=loading,
         family=family.name if family else None,
         lora_targets=targets,
+        lora_variant=lora_variant,
         fused_lora=fused,
         liger=liger,
         loss=loss,
@@ -436,13 +441,19 @@ def _fused_lora(
     model_config: dict[str, Any],
     shape: Shape | None,
     targets: list[str] | str,
+    variant: str,
     decisions: _Decisions,
 ) -> bool:
     if setting is False:
         decisions.why("fused_lora", "train.fused_lora: false (peft's own LoRA forward)")
         return False
     blocker = None
-    if family is None:
+    if variant == "dora":
+        blocker = (
+            "lora.variant dora rescales each output row by its magnitude over the norm of W + s B A, which the "
+            "fused functions do not compute"
+        )
+    elif family is None:
         blocker = f"model_type {model_config.get('model_type')!r} is not a family lowtune has a fused path for"
     else:
         blocker = family.fused_lora_blocker(model_config)
@@ -456,6 +467,21 @@ def _fused_lora(
         decisions.refuse(f"train.fused_lora: true cannot apply: {blocker}", "set train.fused_lora: auto")
     decisions.why("fused_lora", f"peft's own LoRA forward: {blocker}")
     return False
+
+
+def _lora_variant(lora: LoraSettings, decisions: _Decisions) -> str:
+    """lora.variant and lora.init in a few words; the reason says what they make of the scale and the start."""
+    scale = lora.alpha / lora.r ** (0.5 if lora.variant == "rslora" else 1)
+    form = "alpha / sqrt(r)" if lora.variant == "rslora" else "alpha / r"
+    reason = f"scale {form} = {scale:g}"
+    if lora.variant == "dora":
+        reason += "; a trained magnitude per output row of each adapted layer (DoRA)"
+    if lora.init in BASE_CHANGING_INITS:
+        reason += f"; {lora.init} moves its start out of the base weights, saved as plain LoRA of rank {2 * lora.r}"
+    elif lora.init == "loftq":
+        reason += "; A and B make up for the 4-bit quantization error (LoftQ, from the safetensors weights)"
+    decisions.why("lora_variant", reason)
+    return f"{lora.variant}, init {lora.init}"
 
 
 def _liger(

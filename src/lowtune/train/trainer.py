@@ -32,6 +32,7 @@ from lowtune.data.pack import PackedCollator, PaddedCollator
 from lowtune.data.templates import IGNORE_INDEX
 from lowtune.errors import RunStopped
 from lowtune.model.attention import set_attention
+from lowtune.model.lora import TRAINING_ADAPTER_DIR, save_adapter
 from lowtune.train.graphs import BUCKET, GraphedPasses
 from lowtune.train.kernels import apply_kernels
 from lowtune.train.loss import install_hidden_state_loss
@@ -107,6 +108,18 @@ class LowtuneTrainer(Trainer):
         self.row_collator = self.data_collator  # itself: the throughput meter later wraps data_collator
         self._graphed: GraphedPasses | None = None
         self._unchecked_gradient: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (not finite, norm, step)
+        self.run_dir = Path(self.args.output_dir)  # checkpoints are written in a staging folder: the run's own
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The adapter, saved (for pissa and olora) as plain LoRA for the untouched base (`lora.save_adapter`)."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            save_adapter(self.model, Path(output_dir or self.args.output_dir), self.run_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """Resumes a pissa or olora run from the adapter as trained (on the residual base), not the converted one."""
+        trained = Path(resume_from_checkpoint) / TRAINING_ADAPTER_DIR
+        super()._load_from_checkpoint(str(trained) if trained.is_dir() else resume_from_checkpoint, model)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         result = super().train(*args, **kwargs)
@@ -253,6 +266,7 @@ internals.check_overrides(
         "_save_checkpoint": ("model", "trial"),
         "_get_grad_norm": ("model", "grad_norm"),
         "training_step": ("model", "inputs", "num_items_in_batch"),
+        "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
     },
 )
 
