@@ -113,6 +113,20 @@ def test_adapters_of_another_base_are_refused(tiny_run, tmp_path, tiny_qwen3):
     assert "separate lowtune serve" in str(raised.value)
 
 
+def test_a_dora_adapter_is_served_alone_and_refused_beside_others(tiny_run, tmp_path, tiny_qwen2):
+    from lowtune.recipe import run
+
+    config = tiny_config(tiny_qwen2, write_jsonl(tmp_path / "data.jsonl", MEMORISE), tmp_path / "run", max_steps=20)
+    config.lora.variant, config.train.learning_rate = "dora", 1e-2
+    dora_run = run(config)
+    with pytest.raises(UserError, match="'dora' is a DoRA adapter") as raised:
+        ModelPool.from_adapters({"huan": tiny_run, "dora": dora_run})
+    assert "a lowtune serve process of its own" in str(raised.value)
+    pool = ModelPool.from_adapters({"dora": dora_run})
+    question = MEMORISE[0]["instruction"]
+    assert alone(pool, "dora", question) == ChatModel.from_adapter(dora_run).reply([Message("user", question)], GREEDY)
+
+
 def test_adapter_names_from_the_command_line(tmp_path):
     assert _named_folders(["huan=runs/a", "runs/hua"], None) == {"huan": Path("runs/a"), "hua": Path("runs/hua")}
     assert _named_folders(["runs/a"], "mine") == {"mine": Path("runs/a")}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from lowtune.errors import RunStopped, UserError
@@ -209,6 +210,21 @@ def test_resume_refuses_a_checkpoint_whose_choices_this_machine_makes_differentl
     config.train.max_steps = 3
     with pytest.raises(UserError, match="resolved precision: 'bf16' -> 'fp32'"):
         run(config, resume="latest")
+
+
+def test_a_checkpoint_older_than_a_choice_resumes(tmp_path, tiny_qwen2):
+    """resolved.yaml of an older lowtune lacks the choices added since (here the method and the LoRA variant)."""
+    config = tiny_config(
+        tiny_qwen2, write_jsonl(tmp_path / "m.jsonl", MEMORISE), tmp_path / "run", max_steps=2, save_steps=2
+    )
+    run(config)
+    saved = tmp_path / "run" / "checkpoint-2" / "resolved.yaml"
+    record = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    del record["choices"]["method"], record["choices"]["lora_variant"]
+    saved.write_text(yaml.safe_dump(record, allow_unicode=True), encoding="utf-8")
+    config.train.max_steps = 3
+    output = run(config, resume="latest")
+    assert json.loads((output / "run_summary.json").read_text())["steps"] == 3
 
 
 def test_raising_the_step_limit_trains_further(tmp_path, tiny_qwen2):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from lowtune.data.templates import ChatFormat, load_chat_format
 from lowtune.errors import Problem, UserError
 from lowtune.infer.session import ChatModel, GenerationSettings, base_model_settings
 from lowtune.model.load import read_tokenizer
+from lowtune.model.lora import ADAPTER_CONFIG_FILE_NAME
 
 log = logging.getLogger(__name__)
 BASE_ROW = "__base__"  # peft's adapter name for a row that runs the base alone
@@ -57,7 +59,7 @@ class ModelPool:
         """Each run folder's adapter under its name, over the base the first was trained on; every run must have
         been trained on that same base, loaded the same way (model section of its config)."""
         (first_name, first_dir), *others = adapters.items()
-        problems = _base_mismatches(first_name, first_dir, others)
+        problems = _base_mismatches(first_name, first_dir, others) + _dora_beside_others(adapters)
         if problems:
             raise UserError(problems)
         first = ChatModel.from_adapter(first_dir, adapter_name=first_name)
@@ -286,6 +288,27 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _dora_beside_others(adapters: Mapping[str, Path]) -> list[Problem]:
+    """Rows of several adapters are generated together through peft's `adapter_names`, which peft refuses for DoRA
+    adapters (their magnitudes rescale the whole layer's output, not an added term)."""
+    if len(adapters) < 2:
+        return []
+    return [
+        Problem(
+            f"adapter {name!r} is a DoRA adapter (lora.variant: dora), and peft cannot batch one beside other adapters",
+            folder,
+            fix="serve it from a lowtune serve process of its own (alone it is served as trained)",
+        )
+        for name, folder in adapters.items()
+        if _uses_dora(folder)
+    ]
+
+
+def _uses_dora(folder: Path) -> bool:
+    config = folder / ADAPTER_CONFIG_FILE_NAME
+    return config.is_file() and bool(json.loads(config.read_text(encoding="utf-8")).get("use_dora"))
 
 
 def _base_mismatches(first_name: str, first_dir: Path, others: list[tuple[str, Path]]) -> list[Problem]:

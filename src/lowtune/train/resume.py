@@ -81,10 +81,13 @@ def check_same_run(
     ]
     saved_choices = read_saved_choices(checkpoint)
     if saved_choices is not None:
+        # A choice the checkpoint does not record is newer than the lowtune that wrote it, which knew one way only:
+        # the way its settings (compared above, defaults filled in) still give.
+        recorded = _flatten(saved_choices)
         changes += [
             f"resolved {key}: {before!r} -> {after!r} (decided for this machine)"
             for key, (before, after) in _differences(saved_choices, resolved.choices()).items()
-            if key not in RESOLVED_MAY_CHANGE
+            if key not in RESOLVED_MAY_CHANGE and key in recorded
         ]
     fingerprint_file = checkpoint / FINGERPRINT_FILE_NAME
     if fingerprint_file.is_file():
