@@ -99,20 +99,20 @@ def _preference(preference: Mapping[str, Any], log_history: Sequence[Mapping[str
         "pairs trained / held out": f"{preference.get('pairs')} / {preference.get('held_out_pairs')}",
     }
     last = preference.get("last_eval") or {}
-    rows |= {label: _figure(name, last[name]) for name, label in PAIR_FIGURES.items() if name in last}
+    rows |= {label: pair_figure(name, last[name]) for name, label in PAIR_FIGURES.items() if name in last}
     lines = ["## Preference (held-out pairs)", ""] + _table(rows.items()) + [""]
     evaluations = [entry for entry in log_history if "eval_accuracy" in entry]
     if evaluations:
         lines += ["| step | eval loss | " + " | ".join(PAIR_FIGURES.values()) + " |"]
         lines += ["|---" * (2 + len(PAIR_FIGURES)) + "|"]
         for entry in evaluations:
-            figures = [_figure(name, entry[f"eval_{name}"]) for name in PAIR_FIGURES]
+            figures = [pair_figure(name, entry[f"eval_{name}"]) for name in PAIR_FIGURES]
             lines += [f"| {entry.get('step')} | {entry['eval_loss']:.4f} | " + " | ".join(figures) + " |"]
         lines += [""]
     return lines
 
 
-def _figure(name: str, value: float) -> str:
+def pair_figure(name: str, value: float) -> str:
     return f"{value:.0%}" if name == "accuracy" else f"{value:.4f}"
 
 
