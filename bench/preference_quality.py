@@ -1,6 +1,8 @@
 """DPO on top of the default SFT adapter (issue 18): held-out preference accuracy, and whether the persona holds.
 
-    PYTHONPATH=src python bench/preference_quality.py [--pairs 200] [--sft-steps 40] [--dpo-steps 30]
+    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/preference_quality.py [--pairs 200] [--sft-steps 40] [--dpo-steps 30]
+
+(OMP_NUM_THREADS=1 on a loaded 2-core machine: generation with 2 threads there ran ~10x slower; bench/NOTES.md.)
 
 On the embedded SmolLM2-135M-Instruct (4-bit, as examples/huanhuan-qlora.yaml trains it) and the bundled Chat-甄嬛:
 1. pairs: chosen = a record's in-persona reply, rejected = the base model's own greedy reply to the same prompt (the
