@@ -265,7 +265,8 @@ def convert_qwen1(
 def eval_run(
     adapter: AdapterOption,
     data: Annotated[
-        Path | None, typer.Option("--data", help="Records to evaluate on (default: the run's held-out records).")
+        Path | None,
+        typer.Option("--data", help="Records or preference pairs to evaluate on (default: the run's held-out ones)."),
     ] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate the first N records only.")] = None,
     base: Annotated[bool, typer.Option("--base", help="Evaluate the base model (adapter off) beside it.")] = False,
@@ -273,7 +274,8 @@ def eval_run(
     model: ModelOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Records per forward and generation.")] = 8,
 ) -> None:
-    """Eval loss, perplexity, BLEU-4, ROUGE-L and stop rate on held-out records (writes eval_results.json)."""
+    """Eval loss, perplexity, BLEU-4, ROUGE-L and stop rate on held-out records; on pairs (a DPO or ORPO run),
+    preference accuracy, reward margin and rewards (writes eval_results.json)."""
     route_library_logging()
     from lowtune.eval.evaluate import RESULTS_FILE_NAME, SAMPLES_FILE_NAME, evaluate_run, results_table
 

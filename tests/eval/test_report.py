@@ -42,3 +42,28 @@ def test_report_without_history_data_or_samples_has_the_config_only(tmp_path):
     text = write_report(tmp_path, config).read_text(encoding="utf-8")
     assert text.startswith(f"# lowtune run `{tmp_path.name}`") and "## Config" in text
     assert "## Loss" not in text and "## Data" not in text and not (tmp_path / "loss.png").exists()
+
+
+def test_report_of_a_preference_run_shows_its_held_out_pairs_last_and_per_evaluation(tmp_path):
+    last = {"loss": 0.41, "rewards_chosen": 0.3, "rewards_rejected": -0.9, "reward_margin": 1.2, "accuracy": 0.875}
+    preference = {"method": "dpo (beta 0.1)", "pairs": 40, "held_out_pairs": 8, "last_eval": last}
+    (tmp_path / "run_summary.json").write_text(json.dumps(SUMMARY | {"preference": preference}))
+    evaluation = {f"eval_{name}": value for name, value in last.items()}
+    history = [
+        {"eval_loss": 0.69, "eval_rewards_chosen": 0.0, "eval_rewards_rejected": 0.0, "eval_reward_margin": 0.0}
+        | {"eval_accuracy": 0.0, "step": 0},
+        {"loss": 0.5, "reward_margin": 0.8, "step": 5},
+        evaluation | {"step": 10},
+    ]
+    text = write_report(tmp_path, load_config(None, [f"output_dir={tmp_path}"]), history).read_text(encoding="utf-8")
+    assert "## Preference (held-out pairs)" in text and "| pairs trained / held out | 40 / 8 |" in text
+    assert "| preference accuracy | 88% |" in text and "| reward margin (mean) | 1.2000 |" in text
+    assert "| chosen reward (mean) | 0.3000 |" in text and "| rejected reward (mean) | -0.9000 |" in text
+    assert "| 0 | 0.6900 | 0% | 0.0000 | 0.0000 | 0.0000 |" in text
+    assert "| 10 | 0.4100 | 88% | 1.2000 | 0.3000 | -0.9000 |" in text
+
+
+def test_report_of_an_sft_run_has_no_preference_section(tmp_path):
+    (tmp_path / "run_summary.json").write_text(json.dumps(SUMMARY | {"preference": None}))
+    text = write_report(tmp_path, load_config(None, [f"output_dir={tmp_path}"])).read_text(encoding="utf-8")
+    assert "| steps | 30 |" in text and "Preference" not in text

@@ -114,6 +114,9 @@ def test_training_on_pairs_raises_preference_accuracy(tmp_path, tiny_qwen2, meth
     assert f"method: {method} ({weight.split('=')[1]}" in resolved
     logged = [entry for entry in json.loads((output / "trainer_state.json").read_text())["log_history"]]
     assert any("reward_margin" in entry and "loss" in entry for entry in logged)
+    report = (output / "report.md").read_text(encoding="utf-8")
+    assert "| preference accuracy | 100% |" in report
+    assert f"| {last['step']} | {last['eval_loss']:.4f} | 100% |" in report
 
 
 def test_dpo_from_an_sft_adapter_starts_at_its_policy(tmp_path, tiny_qwen2):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -238,17 +240,32 @@ def prepare_preference_data(config: RunConfig, chat_format: ChatFormat) -> Prefe
     """data.files read as pairs, pairs held out (data.eval_files, or val_size of them drawn with train.seed), both
     sides encoded."""
     data = config.data
-    pairs, mixture = read_pairs(data.files, config.train.seed)
+    pairs, held_out, mixture = split_pairs(config)
     mixture.log()
-    if data.eval_files:
-        held_out, _ = read_pairs(data.eval_files, config.train.seed)
-    else:
-        held = set(held_out_positions(len(pairs), data.val_size, config.train.seed))
-        held_out = [pair for i, pair in enumerate(pairs) if i in held]
-        pairs = [pair for i, pair in enumerate(pairs) if i not in held]
     train = encode_pairs(pairs, chat_format, data.max_length, data.truncation)
     evaluation = encode_pairs(held_out, chat_format, data.max_length) if held_out else None
     return PreferenceRunData(train, evaluation, mixture)
+
+
+def split_pairs(config: RunConfig) -> tuple[list[Pair], list[Pair], Mixture]:
+    """The run's pairs to train on and to hold out (data.eval_files, or val_size of data.files drawn with
+    train.seed: `lowtune eval` finds the same held-out pairs), and how data.files were drawn."""
+    data = config.data
+    pairs, mixture = read_pairs(data.files, config.train.seed)
+    if data.eval_files:
+        return pairs, read_pairs(data.eval_files, config.train.seed)[0], mixture
+    held = set(held_out_positions(len(pairs), data.val_size, config.train.seed))
+    return (
+        [pair for i, pair in enumerate(pairs) if i not in held],
+        [pair for i, pair in enumerate(pairs) if i in held],
+        mixture,
+    )
+
+
+def is_pair_file(path: Path) -> bool:
+    """Whether a data file holds preference records (its first record says: `lowtune eval --data` takes either)."""
+    path = records_folder(resolve_data_path(str(path)))
+    return any(is_preference_record(record) for _, record in islice(read_file_records(path), 1))
 
 
 def check_pair_files(files: Sequence[str | DataFile], seed: int) -> int:

@@ -3,7 +3,8 @@
 For each held-out conversation: the eval loss of its trained tokens (from hidden states: no vocabulary-sized logits
 are kept), a greedy reply to its last user turn in the run's chat format, BLEU-4 and ROUGE-L of that reply against
 the recorded one, and whether the reply ended with the format's stop token (a model that never learned to stop runs
-to the token limit). With `base`, the same for the base model (the adapter switched off) beside it.
+to the token limit). With `base`, the same for the base model (the adapter switched off) beside it. A DPO or ORPO
+run, or a file of preference pairs, is evaluated on its pairs instead (`eval/preference.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lowtune.data.split import split_for_run
 from lowtune.data.templates import ChatFormat, input_separator
 from lowtune.errors import UserError
 from lowtune.eval.metrics import SCORING, reply_scores, score_replies, stop_rate, stopped
+from lowtune.eval.preference import evaluates_pairs, formatted_pair_metrics, pair_results
 from lowtune.infer.session import ChatModel, base_model_settings
 from lowtune.train.loss import install_hidden_state_loss
 from lowtune.train.validate import eval_loss
@@ -55,15 +57,17 @@ def evaluate_run(
     batch_size: int = 8,
     model_path: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluates a run on its held-out records; writes eval_results.json and eval_samples.jsonl into the run folder.
+    """Evaluates a run on its held-out records (a DPO or ORPO run: its held-out pairs); writes eval_results.json and
+    eval_samples.jsonl into the run folder.
 
     Args:
         adapter_dir: a lowtune run folder or one of its checkpoints.
-        data: a file of records to evaluate on instead of the run's own held-out records.
-        limit: evaluate the first N records only.
+        data: a file of records to evaluate on instead of the run's own held-out records; preference pairs are
+            evaluated as pairs (preference accuracy, rewards), whatever the run's method.
+        limit: evaluate the first N records (pairs) only.
         base: also evaluate the base model (the adapter disabled), for comparison.
         max_new_tokens: the longest reply; one that reaches it has not stopped.
-        batch_size: records per forward pass and per generation batch.
+        batch_size: records (pairs) per forward pass and per generation batch.
         model_path: the base model folder, when it moved since training.
 
     Returns:
@@ -72,6 +76,10 @@ def evaluate_run(
     folder = Path(adapter_dir)
     base_model_settings(folder)  # fails with a clear message if the folder is not a run
     config = load_run_config(folder)
+    if evaluates_pairs(config, data):
+        results, lines = pair_results(folder, config, data, limit, base, batch_size, model_path)
+        _write_results(folder, results, lines)
+        return results
     examples, described = held_out_examples(config, data)
     examples = examples[:limit] if limit else examples
     log.info("evaluating on %d records: %s", len(examples), described)
@@ -92,7 +100,7 @@ def evaluate_run(
         "scoring": SCORING,
         "models": {name: metrics for name, (metrics, _) in models.items()},
     }
-    _write_results(folder, results, examples, {name: replies for name, (_, replies) in models.items()})
+    _write_results(folder, results, _sample_lines(examples, {name: replies for name, (_, replies) in models.items()}))
     return results
 
 
@@ -171,8 +179,12 @@ def sample_generations(
 def results_table(results: dict[str, Any]) -> Table:
     """The metrics of each evaluated model side by side, for the terminal."""
     models = results["models"]
-    table = Table(title=f"Evaluation on {results['records']} records ({results['data']})", caption=results["scoring"])
-    columns = {name: _formatted(metrics) for name, metrics in models.items()}
+    if "pairs" in results:
+        title, caption, formatted = f"{results['pairs']} preference pairs", results["rewards"], formatted_pair_metrics
+    else:
+        title, caption, formatted = f"{results['records']} records", results["scoring"], _formatted
+    table = Table(title=f"Evaluation on {title} ({results['data']})", caption=caption)
+    columns = {name: formatted(metrics) for name, metrics in models.items()}
     table.add_column("metric")
     for name in columns:
         table.add_column(name, justify="right")
@@ -245,10 +257,14 @@ def _formatted(metrics: dict[str, Any]) -> dict[str, str]:
     return rows
 
 
-def _write_results(
-    folder: Path, results: dict[str, Any], examples: Sequence[Example], replies: dict[str, list[Generation]]
-) -> None:
+def _write_results(folder: Path, results: dict[str, Any], samples: list[dict[str, Any]]) -> None:
     (folder / RESULTS_FILE_NAME).write_text(json.dumps(results, ensure_ascii=False, indent=2), encoding="utf-8")
+    lines = [json.dumps(line, ensure_ascii=False) for line in samples]
+    (folder / SAMPLES_FILE_NAME).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _sample_lines(examples: Sequence[Example], replies: dict[str, list[Generation]]) -> list[dict[str, Any]]:
+    """One line per record: its source, prompt and reference, and each model's reply with its scores."""
     lines = []
     for index, example in enumerate(examples):
         messages, reference = prompt_and_reference(example)
@@ -257,5 +273,5 @@ def _write_results(
             reply = generations[index]
             line[name] = {"response": reply.text, "stopped": reply.stopped, "new_tokens": len(reply.ids)}
             line[name] |= reply_scores(reply.text, reference)
-        lines.append(json.dumps(line, ensure_ascii=False))
-    (folder / SAMPLES_FILE_NAME).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        lines.append(line)
+    return lines

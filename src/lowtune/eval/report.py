@@ -38,10 +38,14 @@ def write_report(
         The path of report.md.
     """
     folder = Path(run_dir)
-    lines = [f"# lowtune run `{folder.name}`", ""] + _training(folder / SUMMARY_FILE_NAME)
+    summary_file = folder / SUMMARY_FILE_NAME
+    summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else None
+    lines = [f"# lowtune run `{folder.name}`", ""] + (_training(summary) if summary else [])
     if log_history is not None:
         plot_losses(log_history, folder / LOSS_FIGURE_NAME)
         lines += _losses(log_history)
+    if summary and summary.get("preference"):
+        lines += _preference(summary["preference"], log_history or [])
     if data is not None:
         plot_length_histogram(data.lengths, data.max_length, folder / HISTOGRAM_FILE_NAME)
         lines += _data(data)
@@ -53,10 +57,7 @@ def write_report(
     return target
 
 
-def _training(summary_file: Path) -> list[str]:
-    if not summary_file.is_file():
-        return []
-    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+def _training(summary: Mapping[str, Any]) -> list[str]:
     rows = {
         "steps": summary.get("steps"),
         "epochs": _rounded(summary.get("epochs")),
@@ -81,6 +82,38 @@ def _losses(log_history: Sequence[Mapping[str, Any]]) -> list[str]:
         last = evaluations[-1]
         lines += [f"Last eval loss: {last['eval_loss']:.4f} at step {last.get('step')}.", ""]
     return lines
+
+
+PAIR_FIGURES = {  # the held-out pairs' figures (train/preference.py STATS), as the report names them
+    "accuracy": "preference accuracy",
+    "reward_margin": "reward margin (mean)",
+    "rewards_chosen": "chosen reward (mean)",
+    "rewards_rejected": "rejected reward (mean)",
+}
+
+
+def _preference(preference: Mapping[str, Any], log_history: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A DPO or ORPO run's pairs and its held-out figures: the last evaluation's, then every evaluation's by step."""
+    rows = {
+        "method": preference.get("method"),
+        "pairs trained / held out": f"{preference.get('pairs')} / {preference.get('held_out_pairs')}",
+    }
+    last = preference.get("last_eval") or {}
+    rows |= {label: pair_figure(name, last[name]) for name, label in PAIR_FIGURES.items() if name in last}
+    lines = ["## Preference (held-out pairs)", ""] + _table(rows.items()) + [""]
+    evaluations = [entry for entry in log_history if "eval_accuracy" in entry]
+    if evaluations:
+        lines += ["| step | eval loss | " + " | ".join(PAIR_FIGURES.values()) + " |"]
+        lines += ["|---" * (2 + len(PAIR_FIGURES)) + "|"]
+        for entry in evaluations:
+            figures = [pair_figure(name, entry[f"eval_{name}"]) for name in PAIR_FIGURES]
+            lines += [f"| {entry.get('step')} | {entry['eval_loss']:.4f} | " + " | ".join(figures) + " |"]
+        lines += [""]
+    return lines
+
+
+def pair_figure(name: str, value: float) -> str:
+    return f"{value:.0%}" if name == "accuracy" else f"{value:.4f}"
 
 
 def _data(data: DataReport) -> list[str]:

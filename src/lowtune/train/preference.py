@@ -211,9 +211,21 @@ def pair_metrics(
     autocast: torch.dtype | None = None,
 ) -> dict[str, float]:
     """`summary` of the pairs of `rows` under `model` (DPO: against the rows' reference log-probabilities)."""
+    return summary(model_pair_terms(model, rows, collate, pairs_per_batch, objective, autocast))
+
+
+def model_pair_terms(
+    model: torch.nn.Module,
+    rows: PairRows,
+    collate: PreferenceCollator,
+    pairs_per_batch: int,
+    objective: Objective,
+    autocast: torch.dtype | None = None,
+) -> PairTerms:
+    """Each pair's loss and rewards under `model`, in one no-grad pass (DPO: against the rows' reference)."""
     logps, tokens = sequence_log_probs(model, rows, collate, pairs_per_batch, autocast)
     reference = torch.from_numpy(rows.reference) if rows.reference is not None else None
-    return summary(pair_terms(torch.from_numpy(logps), torch.from_numpy(tokens), reference, objective))
+    return pair_terms(torch.from_numpy(logps), torch.from_numpy(tokens), reference, objective)
 
 
 def _float(reference: torch.Tensor | None) -> torch.Tensor | None:
