@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from lowtune.config import RunConfig
 from lowtune.data.read import Example, read_examples
@@ -12,6 +13,7 @@ from lowtune.data.templates import input_separator
 from lowtune.errors import UserError
 
 log = logging.getLogger(__name__)
+Held = TypeVar("Held")
 
 
 def held_out_count(total: int, val_size: float, warn: bool = True) -> int:
@@ -65,3 +67,23 @@ def split_for_run(config: RunConfig, examples: Sequence[Example]) -> tuple[list[
         held_out = read_examples(config.data.eval_files, config.data.format, separator, config.train.seed)
         return list(examples), held_out
     return split_examples(examples, config.data.val_size, config.train.seed)
+
+
+def held_out_of_run(config: RunConfig, noun: str, held_out: Callable[[], list[Held]]) -> tuple[list[Held], str]:
+    """What a finished run held out for evaluation (`held_out()`: the same split training made), and where it came
+    from; a run that held out no `noun` (records, pairs) is a UserError that says to give them with --data."""
+    fix = f"give {noun} to evaluate on with --data FILE"
+    if not config.data.eval_files and config.data.val_size <= 0:
+        raise UserError.one(
+            f"this run has no held-out {noun}: it was trained without data.val_size or data.eval_files", fix=fix
+        )
+    chosen = held_out()
+    if config.data.eval_files:
+        return chosen, "data.eval_files: " + ", ".join(map(str, config.data.eval_files))
+    if not chosen:
+        raise UserError.one(
+            f"data.val_size={config.data.val_size:g} held out no {noun.rstrip('s')} of this run's data "
+            f"(too few {noun})",
+            fix=fix,
+        )
+    return chosen, f"held out of data.files (val_size {config.data.val_size:g}, seed {config.train.seed})"

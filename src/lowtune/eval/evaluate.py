@@ -25,9 +25,8 @@ from lowtune.config import RunConfig, load_run_config
 from lowtune.data.encode import encode_examples
 from lowtune.data.pack import PaddedCollator
 from lowtune.data.read import Example, Message, read_examples
-from lowtune.data.split import split_for_run
+from lowtune.data.split import held_out_of_run, split_for_run
 from lowtune.data.templates import ChatFormat, input_separator
-from lowtune.errors import UserError
 from lowtune.eval.metrics import SCORING, reply_scores, score_replies, stop_rate, stopped
 from lowtune.eval.preference import evaluates_pairs, formatted_pair_metrics, pair_results
 from lowtune.infer.session import ChatModel, base_model_settings
@@ -110,21 +109,12 @@ def held_out_examples(config: RunConfig, data: str | Path | None = None) -> tupl
     separator = input_separator(config.data.template)
     if data is not None:
         return read_examples([str(data)], "auto", separator), str(data)  # its own format, whatever training read
-    if not config.data.eval_files and config.data.val_size <= 0:
-        raise UserError.one(
-            "this run has no held-out records: it was trained without data.val_size or data.eval_files",
-            fix="give records to evaluate on with --data FILE",
-        )
-    examples = read_examples(config.data.files, config.data.format, separator, config.train.seed)
-    _, held_out = split_for_run(config, examples)
-    if config.data.eval_files:
-        return held_out, "data.eval_files: " + ", ".join(map(str, config.data.eval_files))
-    if not held_out:
-        raise UserError.one(
-            f"data.val_size={config.data.val_size:g} held out no record of this run's data (too few records)",
-            fix="give records to evaluate on with --data FILE",
-        )
-    return held_out, f"held out of data.files (val_size {config.data.val_size:g}, seed {config.train.seed})"
+
+    def held_out() -> list[Example]:
+        examples = read_examples(config.data.files, config.data.format, separator, config.train.seed)
+        return split_for_run(config, examples)[1]
+
+    return held_out_of_run(config, "records", held_out)
 
 
 def prompt_and_reference(example: Example) -> tuple[list[Message], str]:

@@ -20,6 +20,7 @@ from peft import PeftModel
 from lowtune.config import RunConfig
 from lowtune.data.pack import PaddedCollator
 from lowtune.data.preference import Pair, encode_pairs, is_pair_file, read_pairs, split_pairs
+from lowtune.data.split import held_out_of_run
 from lowtune.errors import UserError
 from lowtune.eval.report import PAIR_FIGURES, pair_figure
 from lowtune.infer.session import ChatModel
@@ -83,20 +84,7 @@ def held_out_pairs(config: RunConfig, data: str | Path | None) -> tuple[list[Pai
     same split training made)."""
     if data is not None:
         return read_pairs([str(data)], config.train.seed)[0], str(data)
-    if not config.data.eval_files and config.data.val_size <= 0:
-        raise UserError.one(
-            "this run has no held-out pairs: it was trained without data.val_size or data.eval_files",
-            fix="give pairs to evaluate on with --data FILE",
-        )
-    _, held_out, _ = split_pairs(config)
-    if config.data.eval_files:
-        return held_out, "data.eval_files: " + ", ".join(map(str, config.data.eval_files))
-    if not held_out:
-        raise UserError.one(
-            f"data.val_size={config.data.val_size:g} held out no pair of this run's data (too few pairs)",
-            fix="give pairs to evaluate on with --data FILE",
-        )
-    return held_out, f"held out of data.files (val_size {config.data.val_size:g}, seed {config.train.seed})"
+    return held_out_of_run(config, "pairs", lambda: split_pairs(config)[1])
 
 
 def run_objective(config: RunConfig) -> Objective:

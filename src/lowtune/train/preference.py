@@ -195,23 +195,13 @@ class PreferenceTrainer(LowtuneTrainer):
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:
         """Loss, rewards, reward margin and preference accuracy of the held-out pairs."""
         rows = self.eval_dataset if eval_dataset is None else eval_dataset
-        metrics = pair_metrics(self.model, rows, self.row_collator, self.pairs_per_batch, self.objective, self.autocast)
-        metrics = {f"{metric_key_prefix}_{name}": value for name, value in metrics.items()}
+        terms = model_pair_terms(
+            self.model, rows, self.row_collator, self.pairs_per_batch, self.objective, self.autocast
+        )
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in summary(terms).items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
-
-
-def pair_metrics(
-    model: torch.nn.Module,
-    rows: PairRows,
-    collate: PreferenceCollator,
-    pairs_per_batch: int,
-    objective: Objective,
-    autocast: torch.dtype | None = None,
-) -> dict[str, float]:
-    """`summary` of the pairs of `rows` under `model` (DPO: against the rows' reference log-probabilities)."""
-    return summary(model_pair_terms(model, rows, collate, pairs_per_batch, objective, autocast))
 
 
 def model_pair_terms(
