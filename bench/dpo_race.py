@@ -141,20 +141,8 @@ def pair_tokens(args: argparse.Namespace, pairs: Path) -> float:
 
 def run_lowtune(args: argparse.Namespace, pairs: Path, timer: StepTimer) -> None:
     from lowtune.recipe import run
-    from lowtune.train import preference
 
-    build = preference.build_preference_trainer
-
-    def with_timer(*a, **k):
-        trainer = build(*a, **k)
-        trainer.add_callback(timer)
-        return trainer
-
-    preference.build_preference_trainer = with_timer
-    import lowtune.recipe as recipe
-
-    recipe.build_preference_trainer = with_timer
-    run(lowtune_config(args, pairs, Path(tempfile.mkdtemp()) / "run"))
+    run(lowtune_config(args, pairs, Path(tempfile.mkdtemp()) / "run"), callbacks=[timer])
 
 
 def run_trl(args: argparse.Namespace, pairs: Path, timer: StepTimer) -> None:

@@ -34,14 +34,23 @@ def test_every_cpu_precision_and_quantization_learns(tmp_path, tiny_qwen2, preci
     assert summary["last_logged_loss"] < 0.6 * summary["first_logged_loss"]
 
 
-def test_runs_are_reproducible(tmp_path, tiny_qwen2):
+def test_runs_are_reproducible_and_take_callbacks_of_their_callers(tmp_path, tiny_qwen2):
+    from transformers import TrainerCallback
+
+    class Steps(TrainerCallback):
+        ended: list[int] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ended.append(state.global_step)
+
     data = write_jsonl(tmp_path / "m.jsonl", MEMORISE)
     losses = []
     for name in ("a", "b"):
-        run(tiny_config(tiny_qwen2, data, tmp_path / name, max_steps=3))
+        run(tiny_config(tiny_qwen2, data, tmp_path / name, max_steps=3), callbacks=[Steps()])
         state = json.loads((tmp_path / name / "trainer_state.json").read_text())
         losses.append([entry["loss"] for entry in state["log_history"] if "loss" in entry])
     assert losses[0] == losses[1]
+    assert Steps.ended == [1, 2, 3] * 2
 
 
 def test_checkpointing_settings_train_the_same_run(tmp_path, tiny_qwen2):

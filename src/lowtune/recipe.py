@@ -12,6 +12,7 @@ import logging
 import shutil
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from importlib import metadata
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
 
 from lowtune import __version__, internals
 from lowtune.config import ModelSettings, RunConfig, save_config
@@ -157,6 +158,7 @@ def run(
     resume: str | None = None,
     force: bool = False,
     checked: CheckedData | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> Path:
     """Trains a LoRA adapter as the config says and returns the output folder.
 
@@ -168,6 +170,7 @@ def run(
         force: resume even if the config or data differ from the checkpoint's.
         checked: what `check_before_loading` found (the command line checks the records before importing torch),
             else they are checked here.
+        callbacks: more Trainer callbacks, after lowtune's own (a benchmark's step timer).
     """
     console = console or Console(stderr=True)
     output = Path(config.output_dir)
@@ -197,6 +200,8 @@ def run(
         trainer = build_trainer(
             config, resolved, model, setup.tokenizer, setup.data.rows, setup.held_out_rows, checkpoint_files
         )
+    for callback in callbacks:
+        trainer.add_callback(callback)
     started = time.time()
     result = train_or_explain(trainer, checkpoint, resolved.plan)
     seconds = time.time() - started
