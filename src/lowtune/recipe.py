@@ -51,6 +51,7 @@ from lowtune.train.resume import (
     check_same_run,
     complete_checkpoints,
     find_checkpoint,
+    later_checkpoints,
     remove_staging,
     save_fingerprint,
 )
@@ -180,6 +181,13 @@ def run(
     if checkpoint is not None:
         check_same_run(config, resolved, checkpoint, force, setup.mixture.digest())
         log.info("resuming from %s", checkpoint)
+        later = later_checkpoints(output, checkpoint)
+        if later:
+            log.warning(
+                "%s: checkpoints of the steps after it (%s) are replaced as this run trains those steps again",
+                checkpoint.name,
+                ", ".join(c.name for c in later),
+            )
     elif overwrite:
         remove_previous_run(output)
     remove_staging(output)

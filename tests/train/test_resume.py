@@ -227,6 +227,24 @@ def test_a_checkpoint_older_than_a_choice_resumes(tmp_path, tiny_qwen2):
     assert json.loads((output / "run_summary.json").read_text())["steps"] == 3
 
 
+def test_resuming_from_an_earlier_checkpoint_replaces_the_later_ones(tmp_path, tiny_qwen2, caplog):
+    config = tiny_config(
+        tiny_qwen2, write_jsonl(tmp_path / "m.jsonl", MEMORISE * 3), tmp_path / "run", max_steps=4, save_steps=2
+    )
+    config.train.save_total_limit = None
+    output = run(config)
+    first = json.loads((output / "checkpoint-4" / "trainer_state.json").read_text())
+    (output / "checkpoint-4" / "mark").write_text("the first time", encoding="utf-8")
+    caplog.set_level("WARNING", logger="lowtune.recipe")
+    run(config, resume=str(output / "checkpoint-2"))
+    assert "checkpoint-2: checkpoints of the steps after it (checkpoint-4) are replaced" in caplog.text
+    assert [c.name for c in complete_checkpoints(output)] == ["checkpoint-2", "checkpoint-4"]
+    assert not (output / "checkpoint-4" / "mark").exists() and not list(output.glob(".tmp-*"))
+    again = json.loads((output / "checkpoint-4" / "trainer_state.json").read_text())
+    losses = [[entry.get("loss") for entry in state["log_history"]] for state in (first, again)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and again["global_step"] == 4  # the same steps again
+
+
 def test_raising_the_step_limit_trains_further(tmp_path, tiny_qwen2):
     config = tiny_config(
         tiny_qwen2, write_jsonl(tmp_path / "m.jsonl", MEMORISE), tmp_path / "run", max_steps=2, save_steps=2

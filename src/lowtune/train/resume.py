@@ -66,6 +66,14 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path:
     return checkpoints[-1]
 
 
+def later_checkpoints(output_dir: Path, checkpoint: Path) -> list[Path]:
+    """The run's complete checkpoints of steps after `checkpoint`'s: resuming from it trains those steps again."""
+    step = CHECKPOINT.fullmatch(checkpoint.name)
+    if step is None or checkpoint.resolve().parent != output_dir.resolve():
+        return []
+    return [c for c in complete_checkpoints(output_dir) if int(CHECKPOINT.fullmatch(c.name).group(1)) > int(step[1])]
+
+
 def check_same_run(
     config: RunConfig, resolved: Resolved, checkpoint: Path, force: bool, mixture: str | None = None
 ) -> None:

@@ -182,6 +182,8 @@ class LowtuneTrainer(Trainer):
         written, final = staging / f"checkpoint-{step}", run_dir / f"checkpoint-{step}"
         if self.checkpoint_files is not None:
             self.checkpoint_files(written)
+        if final.exists():  # resumed from an earlier checkpoint: this step's folder is of the steps trained again
+            os.replace(final, staging / "replaced")
         os.replace(written, final)
         shutil.rmtree(staging, ignore_errors=True)
         internals.rotate_checkpoints(str(run_dir), self.args.save_total_limit)
