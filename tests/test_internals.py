@@ -257,3 +257,27 @@ def test_a_fused_adamw_step_is_skipped_on_the_device_where_told():
         assert torch.equal(weight.detach(), before) == bool(not_finite)  # skipped, or updated
     with pytest.raises(internals.LibraryChanged, match="not a fused torch one"):
         internals.skip_update_where(torch.optim.AdamW([weight], lr=0.1), torch.tensor(0.0))
+
+
+def test_in_backward_pass_is_true_only_while_autograd_runs_a_backward_pass():
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("forward", internals.in_backward_pass()))
+            ctx.save_for_backward(x)  # what a checkpoint's recomputation makes again
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors  # under a checkpoint: recomputed now
+            seen.append(("backward", internals.in_backward_pass()))
+            return grad * 2
+
+    x = torch.ones(3, requires_grad=True)
+    Probe.apply(x).sum().backward()
+    assert seen == [("forward", False), ("backward", True)] and not internals.in_backward_pass()
+    # and a checkpointed function's recomputation runs inside the backward pass
+    torch.utils.checkpoint.checkpoint(Probe.apply, x, use_reentrant=False).sum().backward()
+    assert seen[2:] == [("forward", False), ("forward", True), ("backward", True)]

@@ -259,3 +259,9 @@ def skip_update_where(optimizer: Any, not_finite: torch.Tensor) -> None:
     if not all(group.get("fused") for group in inner.param_groups):
         raise LibraryChanged(f"the optimizer {type(inner).__name__} is not a fused torch one; found_inf needs it")
     inner.found_inf = not_finite
+
+
+def in_backward_pass() -> bool:
+    """Whether autograd's engine is running a backward pass on this thread: a checkpointed layer's recomputation
+    runs inside one (torch has no public way to ask)."""
+    return torch._C._current_graph_task_id() != -1

@@ -47,7 +47,7 @@ def test_lora_group_gradients_equal_autograd(dropout, kernels):
         ]
     scales = [0.5, 2.0, 1.5]
     torch.manual_seed(1)
-    fused = LoRAGroup.apply(x, dropout, True, GroupKernels(**KERNELS[kernels]), bases, scales, None, *lora)
+    fused = LoRAGroup.apply(x, dropout, True, GroupKernels(**KERNELS[kernels]), bases, scales, None, False, *lora)
     torch.manual_seed(1)
     keep = (torch.native_dropout(torch.ones_like(x), dropout, True)[1], dropout) if dropout > 0 else None
     reference = reference_group(x, keep, [b.weight for b in bases], [b.bias for b in bases], scales, lora)
@@ -79,7 +79,7 @@ def test_an_input_made_again_in_the_backward_gives_the_same_gradients_and_is_not
         with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
             x = swiglu(gate, up)
             inputs = (gate, up) if remake else ()
-            (y,) = LoRAGroup.apply(x, dropout, True, GroupKernels(), [base], [2.0], remake, *lora, *inputs)
+            (y,) = LoRAGroup.apply(x, dropout, True, GroupKernels(), [base], [2.0], remake, False, *lora, *inputs)
         upstream = torch.ones_like(y)
         results.append((y, torch.autograd.grad(y, [gate, up, *lora], upstream)))
         rows = {t.untyped_storage().data_ptr(): t.numel() for t in saved if t.shape == x.shape}  # distinct memory
@@ -199,7 +199,41 @@ def test_lora_group_saves_what_the_memory_plan_counts(dropout):
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        LoRAGroup.apply(x, dropout, True, GroupKernels(), bases, [2.0, 2.0], None, *lora)
+        LoRAGroup.apply(x, dropout, True, GroupKernels(), bases, [2.0, 2.0], None, False, *lora)
     per_token_rows = [t for t in saved if t.shape == (tokens, features)]  # the (N, in) tensors, not weights or A x
     per_token_bytes = sum(t.element_size() for t in per_token_rows) * features
     assert per_token_bytes == (3 if dropout else 2) * features  # the input as well would make it 5 with dropout
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_recomputed_layer_skips_downs_base_product_and_gives_the_same_gradients(tiny_qwen2, dropout, monkeypatch):
+    """Checkpointed, each layer's recomputation runs the base products of q/k/v, o and gate/up (their outputs feed
+    what the backward pass needs) but not down's (only the residual sum reads it): the same loss and gradients."""
+    from lowtune.model.checkpointing import Checkpointing, enable_checkpointing
+
+    input_ids = torch.randint(0, 5000, (2, 9), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": input_ids, "labels": input_ids.clone(), "attention_mask": torch.ones_like(input_ids)}
+    results, calls = [], []
+    forward = GroupKernels.forward
+
+    def counted(self, x, bases):
+        calls.append((len(bases), internals.in_backward_pass()))
+        return forward(self, x, bases)
+
+    monkeypatch.setattr(GroupKernels, "forward", counted)
+    for checkpointing in ("off", "on"):
+        model = lora_model(tiny_qwen2, dropout=dropout)
+        fuse_lora(model, llama.FAMILY, GroupKernels())
+        enable_checkpointing(model.get_base_model(), Checkpointing(checkpointing))
+        model.train()
+        torch.manual_seed(1)  # the same dropout masks (the recomputation replays them)
+        results.append(loss_and_grads(model, batch))
+    (loss, grads), (loss_checkpointed, grads_checkpointed) = results
+    torch.testing.assert_close(loss_checkpointed, loss, rtol=0, atol=0)
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads_checkpointed[name], grad, rtol=1e-6, atol=1e-7)
+    forwards = [groups for groups, in_backward in calls if not in_backward]
+    recomputed = [groups for groups, in_backward in calls if in_backward]
+    assert forwards == [3, 1, 2, 1] * 2 * 2  # two layers, two runs: q/k/v, o, gate/up, down
+    assert recomputed == [3, 1, 2] * 2  # the checkpointed run's two layers: no down

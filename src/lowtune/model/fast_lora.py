@@ -134,11 +134,16 @@ class LoRAGroup(torch.autograd.Function):
         bases: Sequence[nn.Module],
         scales: Sequence[float],
         remake: Callable[..., torch.Tensor] | None,
+        unused_when_recomputed: bool,
         *tensors: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         """tensors: the LoRA weights (A, B per base), then, with `remake`, the tensors x is made of: the backward
         pass makes x again as `remake(*those)` instead of keeping it (down's input, the SwiGLU of gate and up, which
-        SwiGLU's own backward keeps anyway: 2 bytes x intermediate a token and layer less)."""
+        SwiGLU's own backward keeps anyway: 2 bytes x intermediate a token and layer less).
+
+        `unused_when_recomputed`: nothing the backward pass needs is computed from the outputs (down's, which only
+        the residual sum reads), so a checkpointed layer's recomputation skips the base products, the largest
+        products of the recomputation, and gives zeros: only what this group saves is needed then."""
         dtype = x.dtype
         lora, sources = tensors[: 2 * len(bases)], tensors[2 * len(bases) :]
         a_weights, b_weights = lora[0::2], lora[1::2]  # (r, in) each; (out, r) each
@@ -149,11 +154,14 @@ class LoRAGroup(torch.autograd.Function):
         else:
             x_lora = x
         a = kernels.matmul(x_lora, a_all.T)  # (N, sum r)
-        outputs, start = kernels.forward(x, bases), 0
-        for y, b_weight, scale in zip(outputs, b_weights, scales, strict=True):
-            rank = b_weight.shape[1]
-            y.addmm_(a[:, start : start + rank], b_weight.to(dtype).T, alpha=scale)  # in place: no copy of y
-            start += rank
+        if unused_when_recomputed and internals.in_backward_pass():
+            outputs = [x.new_zeros(x.shape[0], base.out_features) for base in bases]
+        else:
+            outputs, start = kernels.forward(x, bases), 0
+            for y, b_weight, scale in zip(outputs, b_weights, scales, strict=True):
+                rank = b_weight.shape[1]
+                y.addmm_(a[:, start : start + rank], b_weight.to(dtype).T, alpha=scale)  # in place: no copy of y
+                start += rank
         ctx.kernels, ctx.bases, ctx.scales, ctx.dropout, ctx.remake = kernels, bases, scales, dropout, remake
         ctx.sources = len(sources)
         ctx.save_for_backward(None if remake else x_lora, keep, a, a_all, *b_weights, *sources)
@@ -190,7 +198,7 @@ class LoRAGroup(torch.autograd.Function):
             lora_grads += [grad_a_all[start : start + rank], grad_b]
             start += rank
         lora_grads = [g.to(d) for g, d in zip(lora_grads, ctx.lora_dtypes, strict=True)]
-        return (grad_x, None, None, None, None, None, None, *lora_grads, *[None] * ctx.sources)
+        return (grad_x, None, None, None, None, None, None, None, *lora_grads, *[None] * ctx.sources)
 
 
 def lora_group(
@@ -198,9 +206,11 @@ def lora_group(
     modules: Sequence[nn.Module],
     kernels: GroupKernels,
     remake: tuple[Callable[..., torch.Tensor], Sequence[torch.Tensor]] | None = None,
+    unused_when_recomputed: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Applies peft LoRA modules that share their input `x` (..., in) through one `LoRAGroup`; `remake` (a function
-    and the tensors it takes) makes `x` again in the backward pass instead of keeping it."""
+    and the tensors it takes) makes `x` again in the backward pass instead of keeping it; `unused_when_recomputed`
+    (see `LoRAGroup.forward`) skips the base products when a checkpointed layer is recomputed."""
     parts = [internals.plain_lora_parts(module) for module in modules]
     if any(part is None for part in parts):
         raise RuntimeError("fused LoRA reached a layer that is not one plain peft LoRA adapter")  # fuse_lora checks
@@ -217,6 +227,7 @@ def lora_group(
             [part.base for part in parts],
             [part.scale for part in parts],
             remake[0] if remake else None,
+            unused_when_recomputed,
             *lora,
             *(remake[1] if remake else ()),
         )
@@ -227,13 +238,17 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, liger: bool) -> torch.Tensor:
     return internals.liger_swiglu()(gate, up) if liger else F.silu(gate) * up
 
 
-def fused_swiglu_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, kernels: GroupKernels):
+def fused_swiglu_mlp(
+    x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, kernels: GroupKernels, output_saved: bool
+):
     """down(silu(gate(x)) * up(x)): gate and up in one group; with `kernels.remake_down`, down's input is made again
-    from gate and up in the backward pass, not kept."""
+    from gate and up in the backward pass, not kept. `output_saved`: the decoder layer saves something computed from
+    the MLP's output for its backward pass (a norm after the MLP); if not, a recomputed layer skips down's base
+    product."""
     gate_out, up_out = lora_group(x, [gate, up], kernels)
     activation = partial(swiglu, liger=kernels.liger_swiglu)
     remake = (activation, (gate_out, up_out)) if kernels.remake_down else None
-    (output,) = lora_group(activation(gate_out, up_out), [down], kernels, remake=remake)
+    (output,) = lora_group(activation(gate_out, up_out), [down], kernels, remake, not output_saved)
     return output
 
 

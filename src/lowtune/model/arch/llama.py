@@ -68,8 +68,9 @@ def attention(
 
 
 def fused_mlp_forward(self: nn.Module, kernels: GroupKernels, x: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)), gate and up in one group."""
-    return fused_swiglu_mlp(x, self.gate_proj, self.up_proj, self.down_proj, kernels)
+    """down(silu(gate(x)) * up(x)), gate and up in one group. The decoder layers of these families add the MLP's
+    output to the residual stream and save nothing computed from it."""
+    return fused_swiglu_mlp(x, self.gate_proj, self.up_proj, self.down_proj, kernels, output_saved=False)
 
 
 FAMILY = Family(
