@@ -60,6 +60,24 @@ def test_a_dpo_run_is_evaluated_on_its_held_out_pairs_as_training_measured_them(
     assert "preference accuracy" in table and "100%" in table and "base" in table and "DPO rewards" in table
 
 
+def test_an_orpo_run_is_evaluated_on_its_held_out_pairs_as_training_measured_them(tmp_path, tiny_qwen2):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 2)
+    held_out = write_jsonl(tmp_path / "held.jsonl", PAIRS)
+    config = tiny_config(tiny_qwen2, pairs, tmp_path / "orpo", [f"data.eval_files=[{held_out}]"], max_steps=8)
+    config.train.method = "orpo"
+    folder = _copy(run(config), tmp_path)
+    results = evaluate_run(folder, base=True)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    evaluations = [entry for entry in state["log_history"] if "eval_accuracy" in entry]
+    first, last = evaluations[0], evaluations[-1]
+    adapter, base = results["models"]["adapter"], results["models"]["base"]
+    assert results["pairs"] == len(PAIRS) and results["rewards"].startswith("ORPO rewards: each reply's mean")
+    for name in FIGURES:  # the rewards are each reply's mean log-probability: no reference
+        assert adapter[name] == pytest.approx(last[f"eval_{name}"], rel=1e-3, abs=1e-4)
+        assert base[name] == pytest.approx(first[f"eval_{name}"], rel=1e-3, abs=1e-4)  # the run's opening eval
+    assert adapter["rewards_chosen"] > base["rewards_chosen"]  # the chosen replies trained: more likely now
+
+
 def test_an_sft_file_on_a_dpo_run_is_evaluated_as_records(tmp_path, dpo_run):
     data = write_jsonl(tmp_path / "sft.jsonl", MEMORISE)
     results = evaluate_run(_copy(dpo_run, tmp_path), data=data, max_new_tokens=16)
