@@ -370,7 +370,7 @@ def _preference_summary(setup: Setup, log_history: list[dict[str, Any]]) -> dict
     evaluations = [entry for entry in log_history if "eval_accuracy" in entry]
     last = {key.removeprefix("eval_"): value for key, value in evaluations[-1].items()} if evaluations else None
     return {
-        "method": setup.resolved.choices()["method"],
+        "method": setup.resolved.method_text,
         "pairs": len(setup.data.pairs),
         "held_out_pairs": len(setup.held_out_pairs.pairs) if setup.held_out_pairs else 0,
         "last_eval": last,

@@ -144,10 +144,15 @@ class Resolved:
             return precision
         return None
 
+    @property
+    def method_text(self) -> str:
+        """The method, with its weight for a preference one: "sft", "dpo (0.1)"."""
+        return self.method if self.objective is None else f"{self.method} ({self.objective.weight:g})"
+
     def choices(self) -> dict[str, Any]:
         """Every choice as plain values (what resolved.yaml holds and resume compares)."""
         return {
-            "method": self.method if self.objective is None else f"{self.method} ({self.objective.weight:g})",
+            "method": self.method_text,
             "device": self.device,
             "precision": self.loading.precision,
             "autocast": self.autocast or "none",
