@@ -123,6 +123,7 @@ def lowtune_config(args: argparse.Namespace, pairs: Path, output: Path):
             "train.save_steps=0",
             "train.logging_steps=1",
             f"train.gradient_checkpointing={args.checkpointing}",
+            f"train.cuda_graphs={args.cuda_graphs}",
         ],
     )
 
@@ -203,7 +204,9 @@ def side(args: argparse.Namespace) -> None:
     )
     result = {
         "bench": "dpo_race",
-        "side": f"lowtune (checkpointing {args.checkpointing})" if args.side == "lowtune" else "trl DPOTrainer + peft",
+        "side": f"lowtune (checkpointing {args.checkpointing}, cuda_graphs {args.cuda_graphs})"
+        if args.side == "lowtune"
+        else "trl DPOTrainer + peft",
         "model": str(args.model),
         "quantization": args.quantization,
         "pairs_per_step": args.batch,
@@ -229,6 +232,7 @@ def main() -> None:
         default="true",
         help="lowtune's train.gradient_checkpointing, comma-separated for one lowtune run each (TRL's default: on)",
     )
+    parser.add_argument("--cuda-graphs", default="auto", help="lowtune's train.cuda_graphs (true: DPO steps too)")
     parser.add_argument("--quantization", default="4bit", choices=["4bit", "none"])
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
@@ -250,6 +254,7 @@ def main() -> None:
     for name, checkpointing in sides:
         command = [sys.executable, __file__, "--side", name, "--pairs-file", str(pairs), "--model", model]
         command += ["--quantization", args.quantization, "--batch", str(args.batch), "--checkpointing", checkpointing]
+        command += ["--cuda-graphs", args.cuda_graphs]
         command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
         failed += subprocess.run(command).returncode != 0  # the other sides still run
     sys.exit(1 if failed else 0)

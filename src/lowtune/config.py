@@ -350,8 +350,8 @@ class TrainSettings(_Section):
         description="Replay each micro-batch's forward and backward pass from a CUDA graph (one capture per row "
         "length, rows padded to a multiple of 128 tokens): small steps stop waiting for the host. auto: on CUDA for "
         "packed rows with varlen attention and lowtune's fused LoRA, micro-batches up to 4,096 tokens, one process, "
-        "no fp16 loss scaling (offloaded checkpoints are copied inside the graph); true where it cannot apply is an "
-        "error.",
+        "no fp16 loss scaling (offloaded checkpoints are copied inside the graph), SFT (DPO and ORPO steps only with "
+        "true, until measured on a GPU); true where it cannot apply is an error.",
     )
     packing: bool | Literal["auto"] = Field(
         "auto",

@@ -14,6 +14,7 @@ from lowtune.data.templates import build_chat_format
 from lowtune.errors import UserError
 from lowtune.model.load import load_tokenizer
 from lowtune.recipe import prepare, run
+from lowtune.train import loss
 from lowtune.train.loss import ChunkedLinearLogProbs
 from lowtune.train.preference import PreferenceCollator, sequence_log_probs
 from lowtune.train.trainer import prepare_model_and_collator
@@ -40,13 +41,60 @@ def test_per_row_log_probs_match_the_full_log_softmax_in_values_and_gradients():
 
 
 def test_chunks_do_not_change_the_per_row_log_probs(monkeypatch):
-    from lowtune.train import loss
-
     torch.manual_seed(1)
     hidden, weight, targets = torch.randn(9, 8), torch.randn(30, 8), torch.randint(0, 30, (9,))
     whole = ChunkedLinearLogProbs.apply(hidden, weight, targets)
     monkeypatch.setattr(loss, "CHUNK_BYTES", 4 * 30 * 2)  # two rows a chunk
     torch.testing.assert_close(ChunkedLinearLogProbs.apply(hidden, weight, targets), whole)
+
+
+@pytest.mark.parametrize("masked_chunk_rows", [2, 1000])
+def test_masked_sequence_log_probs_equal_the_selected_ones_in_values_and_gradients(monkeypatch, masked_chunk_rows):
+    """The CUDA graphs' form (every position, unlabelled ones weighing zero, small chunks) against the labelled
+    positions selected: the same sums and token counts per sequence, and the same gradient to the hidden states."""
+    monkeypatch.setattr(loss, "MASKED_CHUNK_BYTES", 4 * 30 * masked_chunk_rows)
+    torch.manual_seed(2)
+    hidden = torch.randn(1, 24, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 8, dtype=torch.float64)
+    labels = torch.randint(0, 30, (1, 24))
+    labels[0, [0, 1, 2, 9, 10, 17, 22, 23]] = -100  # prompts, record starts and padding carry no label
+    sequence_ids = torch.tensor([[0] * 9 + [1] * 8 + [2] * 5 + [0] * 2])  # three packed sequences, then padding
+    upstream = torch.randn(3, dtype=torch.float64)
+    results = []
+    for masked in (False, True):
+        out = loss.sequence_log_probs(hidden, labels, sequence_ids, 3, weight, masked=masked)
+        (grad,) = torch.autograd.grad(out.logps, hidden, upstream)
+        results.append((out.logps, out.tokens, grad))
+    (selected, counts, selected_grad), (masked, masked_counts, masked_grad) = results
+    assert counts.tolist() == [6, 6, 4] == masked_counts.tolist()
+    torch.testing.assert_close(masked, selected)
+    torch.testing.assert_close(masked_grad, selected_grad)
+    assert masked_grad[0, [8, 16, 21, 22, 23]].abs().sum() == 0  # positions whose next token has no label
+
+
+def test_a_pass_gives_the_loss_over_the_steps_pairs_and_their_sums_for_the_log():
+    from types import SimpleNamespace
+
+    from lowtune.train.preference import pair_outputs
+    from lowtune.train.resolve import Objective
+
+    policy = torch.tensor([-3.0, -5.0, -4.0, -2.0], dtype=torch.float64)
+    reference = torch.tensor([-4.0, -4.0, -4.0, -4.0], dtype=torch.float64)
+
+    def model(**batch):
+        assert "reference_logps" not in batch and "num_items_in_batch" not in batch
+        return SimpleNamespace(logps=policy, tokens=torch.ones(4))
+
+    objective = Objective(method="dpo", weight=0.5)
+    batch = {"reference_logps": reference, "num_items_in_batch": torch.tensor(4)}
+    outputs = pair_outputs(model, batch, objective)
+    chosen, rejected = 0.5 * torch.tensor([1.0, 0.0]), 0.5 * torch.tensor([-1.0, 2.0])
+    expected = -torch.nn.functional.logsigmoid(chosen - rejected)
+    torch.testing.assert_close(outputs["loss"], expected.sum() / 4)  # over the step's 4 pairs, not this batch's 2
+    assert outputs["pairs"] == 2 and outputs["accuracy"] == 1  # the first pair's chosen reply is ahead
+    torch.testing.assert_close(outputs["reward_margin"], (chosen - rejected).sum())
+    alone = pair_outputs(model, {"reference_logps": reference}, objective)
+    torch.testing.assert_close(alone["loss"], expected.mean())
 
 
 def _model_and_pairs(tmp_path, tiny_qwen2, packed: bool):

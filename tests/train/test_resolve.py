@@ -338,6 +338,15 @@ def test_small_steps_replay_from_cuda_graphs_unmerged_with_the_masked_loss_and_p
     assert not off.cuda_graphs and off.reasons["cuda_graphs"] == "train.cuda_graphs: false"
 
 
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_preference_steps_replay_from_cuda_graphs_with_masked_per_token_log_probs_when_asked(method):
+    graphed = merging("auto", cuda_graphs=True, method=method, gradient_accumulation=1)
+    assert graphed.cuda_graphs and graphed.loss == "masked" and "every position" in graphed.reasons["loss"]
+    auto = merging("auto", cuda_graphs="auto", method=method, gradient_accumulation=1)
+    assert not auto.cuda_graphs and "only when asked" in auto.reasons["cuda_graphs"]
+    assert auto.loss == "chunked" and "labelled" in auto.reasons["loss"]
+
+
 def test_cuda_graphs_that_cannot_apply_are_refused_when_asked_for_and_logged_when_auto():
     padded = merging("auto", cuda_graphs="auto", packing=False)
     assert not padded.cuda_graphs and "packed rows" in padded.reasons["cuda_graphs"]

@@ -48,6 +48,8 @@ class PackedCollator:
     row's length), each of which a CUDA graph captures once; `real_tokens` then counts the tokens before padding.
     """
 
+    shape_fields = "tokens x record slots"  # what `shape` gives
+
     def __init__(self, bucket: int | None = None, pad_token_id: int = 0):
         self.bucket, self.pad_token_id = bucket, pad_token_id
 

@@ -84,7 +84,7 @@ def _losses(log_history: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-PAIR_FIGURES = {  # the held-out pairs' figures (train/preference.py STATS), as the report names them
+PAIR_FIGURES = {  # the held-out pairs' figures (train/preference.summary), as the report names them
     "accuracy": "preference accuracy",
     "reward_margin": "reward margin (mean)",
     "rewards_chosen": "chosen reward (mean)",

@@ -9,7 +9,9 @@ replay, and a checkpointed layer's recomputation redraws its forward's masks (me
 graph on the H200; bench/probe_graphs.py).
 
 The gradients come out of the pass with `torch.autograd.grad` and are added, inside the graph, into buffers that
-are the adapters' `.grad`, so accumulation across micro-batches, clipping and the optimizer stay Trainer's.
+are the adapters' `.grad`, so accumulation across micro-batches, clipping and the optimizer stay Trainer's. What a
+pass computes is the trainer's (`PassOutputs`): its loss, and any figures it adds up for the log (a preference pass's
+rewards), all of them outputs of the graph.
 """
 
 from __future__ import annotations
@@ -23,45 +25,47 @@ from typing import Any
 import torch
 
 log = logging.getLogger(__name__)
+PassOutputs = Callable[[dict[str, Any]], dict[str, torch.Tensor]]  # a batch -> {"loss": ..., and figures to log}
 
 BUCKET = 128  # tokens: rows are padded up to a multiple of this (more graphs when smaller, more padding when larger)
 WARMUP_PASSES = 2  # eager passes on a side stream before a capture (lazy initialisations must not be captured)
 
 
 class GraphedPasses:
-    """Forward and backward passes of `model` over packed batches, one CUDA graph per batch shape."""
+    """Forward and backward passes over packed batches, one CUDA graph per batch shape: `outputs` computes a batch's
+    loss (and what else the trainer logs) from the model, and the gradients of `params` follow from the loss."""
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        outputs: PassOutputs,
         params: Sequence[torch.nn.Parameter],
         autocast: Callable[[], AbstractContextManager],
     ):
-        self.model, self.params, self.autocast = model, list(params), autocast
+        self.outputs, self.params, self.autocast = outputs, list(params), autocast
         self.pool = torch.cuda.graph_pool_handle()  # one memory pool for every capture: they never run at once
         self.warmup_stream = torch.cuda.Stream()  # one: each new stream would hold its own cuBLAS workspace
         # Every graph adds its gradients into these, the adapters' `.grad` (not into buffers of its own: a graph's
         # outputs outlive it, so per-graph gradients would cost the adapters' size once per row shape).
         self.gradients = [torch.zeros_like(p) for p in self.params]
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, Any], torch.Tensor]] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, Any], dict[str, torch.Tensor]]] = {}
         self.capture_seconds = 0.0
 
     @property
     def captured(self) -> int:
         return len(self._graphs)
 
-    def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Runs the pass on `batch` (tensors on the GPU, `num_items_in_batch` a tensor), adds the adapters'
-        gradients into their `.grad`, and returns the loss (a fresh tensor)."""
-        graph, static, loss = self._graphs.get(shape_key(batch)) or self.capture(batch)
+        gradients into their `.grad`, and returns the pass's outputs (fresh tensors)."""
+        graph, static, outputs = self._graphs.get(shape_key(batch)) or self.capture(batch)
         for name, value in batch.items():
             if isinstance(value, torch.Tensor):
                 static[name].copy_(value, non_blocking=True)
         self._bind_gradients()
         graph.replay()
-        return loss.clone()  # the graph's own buffer is overwritten by the next replay
+        return {name: value.clone() for name, value in outputs.items()}  # the next replay overwrites the graph's own
 
-    def capture(self, batch: dict[str, Any]) -> tuple[torch.cuda.CUDAGraph, dict[str, Any], torch.Tensor]:
+    def capture(self, batch: dict[str, Any]) -> tuple[torch.cuda.CUDAGraph, dict[str, Any], dict[str, torch.Tensor]]:
         """The graph of `batch`'s shape, captured now unless it was before."""
         key = shape_key(batch)
         if key not in self._graphs:
@@ -75,13 +79,14 @@ class GraphedPasses:
             )
         return self._graphs[key]
 
-    def _pass(self, batch: dict[str, Any]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def _pass(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
         with self.autocast():
-            loss = self.model(**batch).loss
+            outputs = self.outputs(batch)
+        gradients = torch.autograd.grad(outputs["loss"], self.params)
         # detached: a live autograd graph would keep the adapters' gradient nodes, bound to the stream they ran on
-        return loss.detach(), torch.autograd.grad(loss, self.params)
+        return {name: value.detach() for name, value in outputs.items()}, gradients
 
-    def _capture(self, batch: dict[str, Any]) -> tuple[torch.cuda.CUDAGraph, dict[str, Any], torch.Tensor]:
+    def _capture(self, batch: dict[str, Any]) -> tuple[torch.cuda.CUDAGraph, dict[str, Any], dict[str, torch.Tensor]]:
         start = time.perf_counter()
         static = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         self.warmup_stream.wait_stream(torch.cuda.current_stream())
@@ -91,11 +96,11 @@ class GraphedPasses:
         torch.cuda.current_stream().wait_stream(self.warmup_stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            loss, gradients = self._pass(static)
+            outputs, gradients = self._pass(static)
             torch._foreach_add_(self.gradients, list(gradients))
         torch.cuda.empty_cache()  # the warm-up passes' blocks, cached for their stream, would stay reserved
         self.capture_seconds += time.perf_counter() - start
-        return graph, static, loss
+        return graph, static, outputs
 
     def _bind_gradients(self) -> None:
         """Makes the adapters' `.grad` the graphs' accumulators, zeroed at a step's first micro-batch (Trainer sets

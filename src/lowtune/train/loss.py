@@ -71,11 +71,19 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
 
     Row i's log-probability depends on row i's hidden state only, so its gradient, (onehot(targets) - p) @ weight
     per chunk, is computed in the forward pass as the summed loss's is; backward scales row i by grad_output[i].
+    `masked` only picks the smaller chunks of a CUDA graph (the caller weighs unlabelled rows zero).
     """
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, onednn: bool = False):
-        rows_per_chunk = chunk_rows(weight.shape[0], masked=False)
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        onednn: bool = False,
+        masked: bool = False,
+    ) -> torch.Tensor:
+        rows_per_chunk = chunk_rows(weight.shape[0], masked)
         accumulate = torch.promote_types(weight.dtype, torch.float32)
         picked = torch.empty(hidden.shape[0], dtype=accumulate, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None  # of -log p: negated in backward
@@ -88,7 +96,7 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_picked: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * -grad_picked[:, None].to(grad_hidden.dtype), None, None, None
+        return grad_hidden * -grad_picked[:, None].to(grad_hidden.dtype), None, None, None, None
 
 
 def _picked_log_probs(
@@ -187,16 +195,25 @@ def sequence_log_probs(
     sequences: int,
     weight: torch.Tensor,
     onednn: bool = False,
+    masked: bool = False,
 ) -> SequenceLogProbs:
     """Each of the `sequences` sequences' summed log-probability of its labels: position t predicts labels[t + 1],
     which belongs to the sequence sequence_ids[t + 1] says (a padded row is one sequence; a packed row holds
-    several)."""
+    several).
+
+    `masked` takes every position, unlabelled ones weighing zero (no selection: every shape fixed, nothing waits for
+    the GPU, as a CUDA graph needs); otherwise only the labelled positions are projected."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    owners = sequence_ids[:, 1:][keep]  # (N,) the sequence of each target
-    picked = ChunkedLinearLogProbs.apply(hidden[:, :-1][keep], weight, targets[keep], onednn)  # (N,)
-    logps = picked.new_zeros(sequences).index_add(0, owners, picked)
-    tokens = picked.new_zeros(sequences).index_add(0, owners, torch.ones_like(picked))
+    if masked:
+        owners, counted = sequence_ids[:, 1:].reshape(-1), keep.reshape(-1)
+        rows, picked_targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), targets.clamp(min=0).reshape(-1)
+    else:  # the boolean selection syncs with the GPU
+        owners, counted, rows, picked_targets = sequence_ids[:, 1:][keep], None, hidden[:, :-1][keep], targets[keep]
+    picked = ChunkedLinearLogProbs.apply(rows, weight, picked_targets, onednn, masked)  # (N,)
+    ones = torch.ones_like(picked) if counted is None else counted.to(picked.dtype)
+    logps = picked.new_zeros(sequences).index_add(0, owners, picked * ones)
+    tokens = picked.new_zeros(sequences).index_add(0, owners, ones)
     return SequenceLogProbs(logps=logps, tokens=tokens)
 
 
@@ -235,7 +252,7 @@ def install_hidden_state_loss(model: PreTrainedModel, kernel: str = "chunked", o
         hidden = self.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state  # (B, T, H)
         weight = self.get_output_embeddings().weight
         if sequence_ids is not None:
-            return sequence_log_probs(hidden, labels, sequence_ids, sequences, weight, onednn)
+            return sequence_log_probs(hidden, labels, sequence_ids, sequences, weight, onednn, kernel == "masked")
         return CausalLMOutputWithPast(loss=causal_lm_loss(hidden, labels, weight, num_items_in_batch, kernel, onednn))
 
     model.forward = types.MethodType(forward, model)

@@ -33,7 +33,6 @@ from lowtune.train.resolve import Objective, Resolved
 from lowtune.train.trainer import LowtuneTrainer, prepare_model_and_collator, training_arguments, with_callbacks
 
 log = logging.getLogger(__name__)
-STATS = ("rewards_chosen", "rewards_rejected", "reward_margin", "accuracy")
 
 
 @dataclass
@@ -66,6 +65,25 @@ def pair_terms(
     return PairTerms(-mean[0::2] + objective.weight * odds_ratio, mean[0::2].detach(), mean[1::2].detach())
 
 
+def pair_outputs(model: torch.nn.Module, batch: dict[str, Any], objective: Objective) -> dict[str, torch.Tensor]:
+    """A batch's pairs' loss, divided by the step's pair count (`num_items_in_batch`; the batch's own when None),
+    and their sums of rewards, margin, accuracy and pairs for the log. Every shape is fixed by the batch's, and
+    nothing is read back to the host: a CUDA graph can capture it."""
+    batch = dict(batch)
+    reference, pairs = batch.pop("reference_logps", None), batch.pop("num_items_in_batch", None)
+    out = model(**batch)
+    terms = pair_terms(out.logps.float(), out.tokens, _float(reference), objective)
+    margin = terms.chosen - terms.rejected
+    return {
+        "loss": terms.losses.sum() / (len(terms.losses) if pairs is None else pairs),
+        "rewards_chosen": terms.chosen.sum(),
+        "rewards_rejected": terms.rejected.sum(),
+        "reward_margin": margin.sum(),
+        "accuracy": (margin > 0).float().sum(),
+        "pairs": torch.ones_like(margin).sum(),
+    }
+
+
 def summary(terms: PairTerms) -> dict[str, float]:
     """Mean loss, rewards, margin and preference accuracy (the share of pairs whose chosen reward is higher)."""
     margin = terms.chosen - terms.rejected
@@ -91,8 +109,14 @@ class PreferenceCollator:
     """The run's collator (padded or packed) over a batch's sequences, plus which sequence each token belongs to
     and, for DPO, the sequences' reference log-probabilities."""
 
+    shape_fields = "tokens x record slots x sequences"
+
     def __init__(self, collator: Callable[[Sequence[dict]], dict[str, Any]], packed: bool):
         self.collator, self.packed = collator, packed
+
+    def shape(self, lengths: Sequence[int]) -> tuple[int, ...]:
+        """The packed row's shape (`PackedCollator.shape`) and the sequence count: what a CUDA graph fixes."""
+        return (*self.collator.shape(lengths), len(lengths))
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator([{key: row[key] for key in ("input_ids", "attention_mask", "labels")} for row in rows])
@@ -153,8 +177,6 @@ class PreferenceTrainer(LowtuneTrainer):
         super().__init__(*args, **kwargs)
         self.objective, self.pairs_per_batch = objective, pairs_per_batch
         self.autocast = autocast
-        self._stats: dict[str, torch.Tensor] = {}
-        self._logged_pairs = 0
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any = None) -> tuple[list, Any]:
         """The step's micro-batches, and its item count: pairs here (Trainer counts labelled tokens)."""
@@ -165,31 +187,19 @@ class PreferenceTrainer(LowtuneTrainer):
     def compute_loss(
         self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None
     ) -> Any:
-        reference = inputs.pop("reference_logps", None)
-        outputs = model(**inputs)
-        terms = pair_terms(outputs.logps.float(), outputs.tokens, _float(reference), self.objective)
-        pairs = num_items_in_batch if num_items_in_batch is not None else len(terms.losses)
-        loss = terms.losses.sum() / pairs
-        self._note(terms)
+        outputs = self.pass_outputs(model, inputs | {"num_items_in_batch": num_items_in_batch})
+        loss = outputs.pop("loss")
+        self._add_to_log(outputs)
         return (loss, outputs) if return_outputs else loss
 
-    def _note(self, terms: PairTerms) -> None:
-        """Adds the batch's sums to the figures of the steps since the last log (on the device: no sync)."""
-        margin = terms.chosen - terms.rejected
-        sums = {
-            "rewards_chosen": terms.chosen.sum(),
-            "rewards_rejected": terms.rejected.sum(),
-            "reward_margin": margin.sum(),
-            "accuracy": (margin > 0).float().sum(),
-        }
-        for name, value in sums.items():
-            self._stats[name] = self._stats.get(name, 0) + value.detach()
-        self._logged_pairs += len(margin)
+    def pass_outputs(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return pair_outputs(model, batch, self.objective)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs and self._logged_pairs:
-            logs = logs | {name: value.item() / self._logged_pairs for name, value in self._stats.items()}
-            self._stats, self._logged_pairs = {}, 0
+        if "loss" in logs and self._pass_sums:
+            pairs = self._pass_sums.pop("pairs").item()
+            logs = logs | {name: value.item() / pairs for name, value in self._pass_sums.items()}
+            self._pass_sums = {}
         super().log(logs, *args, **kwargs)
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:

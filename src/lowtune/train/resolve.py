@@ -369,10 +369,7 @@ def resolve_run(
     warning = arch.context_warning(model_config, max(lengths))
     if warning:
         decisions.warnings.append(warning)
-    loss = _loss(head_trains, liger, graphs, decisions)
-    if preference:
-        loss = "chunked"
-        decisions.why("loss", "per-token log-probabilities from hidden states, a chunk at a time, summed per reply")
+    loss = _loss(head_trains, liger, graphs, preference, decisions)
     run_shape = None
     if shape is not None:
         run_shape = RunShape(
@@ -514,10 +511,14 @@ def _liger(
     return parts
 
 
-def _loss(head_trains: bool, liger: tuple[str, ...], graphs: bool, decisions: _Decisions) -> str:
+def _loss(head_trains: bool, liger: tuple[str, ...], graphs: bool, preference: bool, decisions: _Decisions) -> str:
     if head_trains:
         decisions.why("loss", "transformers' own: the output layer trains")
         return "transformers"
+    if preference:
+        where = "every position, unlabelled ones weighing zero: fixed shapes for CUDA graphs" if graphs else "labelled"
+        decisions.why("loss", f"per-token log-probabilities from hidden states, a chunk at a time ({where}), per reply")
+        return "masked" if graphs else "chunked"
     if graphs:
         decisions.why(
             "loss",
@@ -559,14 +560,19 @@ def _cuda_graphs(
         blocker = "the output layer trains: transformers' loss selects labelled positions, a shape set by the data"
     elif loading.precision == "fp16":
         blocker = "fp16 scales the loss for each backward pass outside the captured graph"
-    elif train.method != "sft":
-        blocker = "preference pairs: a batch's sequence count and reference log-probabilities vary with the data"
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         blocker = "several processes: DDP reduces gradients through hooks that a captured backward skips"
     if blocker is not None:
         if setting is True:
             decisions.refuse(f"train.cuda_graphs: true cannot apply: {blocker}", "set train.cuda_graphs: auto")
         decisions.why("cuda_graphs", blocker)
+        return False
+    if setting == "auto" and train.method != "sft":
+        decisions.why(
+            "cuda_graphs",
+            "preference steps replay from CUDA graphs only when asked (train.cuda_graphs: true) until they are "
+            "measured on a GPU (bench/NOTES.md)",
+        )
         return False
     largest = batching.largest
     if setting == "auto" and largest > GRAPHS_UP_TO_TOKENS:

@@ -107,6 +107,7 @@ class LowtuneTrainer(Trainer):
         self.cuda_graphs = cuda_graphs
         self.row_collator = self.data_collator  # itself: the throughput meter later wraps data_collator
         self._graphed: GraphedPasses | None = None
+        self._pass_sums: dict[str, torch.Tensor] = {}  # figures the passes since the last log added up (the device's)
         self._unchecked_gradient: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (not finite, norm, step)
         self.run_dir = Path(self.args.output_dir)  # checkpoints are written in a staging folder: the run's own
 
@@ -138,20 +139,34 @@ class LowtuneTrainer(Trainer):
         inputs = self._graph_inputs(inputs, num_items_in_batch)
         if self._graphed is None:
             params = [p for p in model.parameters() if p.requires_grad]
-            self._graphed = GraphedPasses(model, params, self.compute_loss_context_manager)
+            self._graphed = GraphedPasses(partial(self.pass_outputs, model), params, self.compute_loss_context_manager)
             self._capture_epoch_shapes()
-        return self._graphed(inputs)
+        outputs = self._graphed(inputs)
+        loss = outputs.pop("loss")
+        self._add_to_log(outputs)
+        return loss
+
+    def pass_outputs(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """What one pass computes from a batch: its loss (divided by the step's target count), and any figures that
+        the log adds up (none here)."""
+        return {"loss": model(**batch).loss}
+
+    def _add_to_log(self, sums: dict[str, torch.Tensor]) -> None:
+        """Adds a pass's figures to those of the passes since the last log, on the device: no wait for the GPU."""
+        for name, value in sums.items():
+            self._pass_sums[name] = self._pass_sums.get(name, 0) + value.detach()
 
     def _capture_epoch_shapes(self) -> None:
         """Captures a graph for every row shape of this epoch's micro-batches at the first step, so that no later
         step stops for a capture (a later epoch's new shapes are captured when they come)."""
         assert self._graphed is not None
-        shapes: dict[tuple[int, int], list[int]] = {}
+        shapes: dict[tuple[int, ...], list[int]] = {}
         for indices in self.batch_sampler:
             lengths = [len(self.train_dataset[i]["input_ids"]) for i in indices]
             shapes.setdefault(self.row_collator.shape(lengths), indices)
-        rows = ", ".join(f"{tokens} x {records}" for tokens, records in sorted(shapes))
-        log.info("CUDA graphs: capturing this epoch's %d row shapes (tokens x record slots: %s)", len(shapes), rows)
+        rows = ", ".join(" x ".join(map(str, shape)) for shape in sorted(shapes))
+        what = self.row_collator.shape_fields
+        log.info("CUDA graphs: capturing this epoch's %d row shapes (%s: %s)", len(shapes), what, rows)
         for indices in shapes.values():
             self._graphed.capture(self._graph_inputs(self.row_collator([self.train_dataset[i] for i in indices])))
 
