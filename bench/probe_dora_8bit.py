@@ -4,7 +4,7 @@ the CPU, peft 0.22 + bitsandbytes 0.50, it fails at the second step; `config.Lor
     PYTHONPATH=src:/tmp/site python bench/probe_dora_8bit.py      # on the GPU machine
 
 A tiny Qwen2 in 8-bit, LoRA and DoRA r 8 on all seven projections, 6 steps with a no-grad eval pass between steps (as
-lowtune's evaluations): prints each variant's losses, or the step at which it fails and how.
+lowtune's evaluations): prints each variant's losses, or how it fails.
 """
 
 from __future__ import annotations
