@@ -1,9 +1,10 @@
 """What this machine can run, read from its own reports, once.
 
 The device (a CUDA GPU and its compute capability and memory, or the CPU), the CPU's native number formats (from the
-flags the CPU reports, and any cap the user put on oneDNN), which BLAS torch was built with, host memory, and which
-optional packages are installed. `train/resolve.py` makes every choice of a run from a `Machine`; nothing else asks
-torch or the OS what the hardware is. Tests describe fake machines with the constructor.
+flags the CPU reports, and any cap the user put on oneDNN), which BLAS torch was built with, host memory and the C
+library (and the user's settings of its malloc), and which optional packages are installed. `train/resolve.py` makes
+every choice of a run from a `Machine`; nothing else asks torch or the OS what the hardware is. Tests describe fake
+machines with the constructor.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lowtune.train.allocator import user_malloc_settings
 
 # oneDNN's instruction-set caps, lowest first (ONEDNN_MAX_CPU_ISA); native bf16 products start at AVX512_CORE_BF16.
 ONEDNN_ISAS = (
@@ -101,6 +104,8 @@ class Machine:
     onednn: bool = True  # torch was built with oneDNN
     local_rank: int = 0  # this process's GPU among the host's (torchrun / accelerate)
     fsdp: bool = False  # launched by accelerate with an FSDP config (FSDP then places and shards the model)
+    libc: str = "glibc"  # the C library whose malloc holds host memory ("" where `platform` cannot tell)
+    malloc_settings: tuple[str, ...] = ()  # the glibc malloc variables the user set (train/allocator.py)
 
     @property
     def cuda(self) -> bool:
@@ -133,6 +138,8 @@ class Machine:
             onednn=torch.backends.mkldnn.is_available(),
             local_rank=local_rank,
             fsdp=os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"),
+            libc=platform.libc_ver()[0],
+            malloc_settings=user_malloc_settings(),
         )
 
 

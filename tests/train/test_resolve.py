@@ -18,9 +18,10 @@ from lowtune.errors import UserError
 from lowtune.machine import Cpu, Gpu, Machine, read_cpu
 from lowtune.model.arch import PROJECTIONS, llama
 from lowtune.model.checkpointing import Checkpointing
+from lowtune.train.allocator import user_malloc_settings
 from lowtune.train.graphs import BUCKET
 from lowtune.train.memory import GIB, RunShape
-from lowtune.train.resolve import resolve_loading, resolve_run
+from lowtune.train.resolve import HOST_MMAP_THRESHOLD, resolve_loading, resolve_run
 
 QWEN_7B = Qwen2Config(**QWEN_7B_SHAPE).to_dict()
 LENGTHS = [200] * 400  # records of 200 tokens: 81 of them to a batch of 16k
@@ -282,6 +283,29 @@ def test_the_log_has_one_line_per_choice(caplog):
     assert len(lines) == len(resolved.choices()) + len(resolved.warnings) + 1  # and the plan's peak
     assert any(line.startswith("precision: fp32 (the CPU has no native bf16") for line in lines)
     assert f"planned peak host memory {resolved.plan.total / GIB:.2f} GiB (CPU)" in lines
+
+
+def test_a_cpu_run_has_glibc_return_freed_blocks_unless_the_user_set_malloc_or_the_run_is_on_the_gpu():
+    applied = resolve(on=machine(EPYC_AVX2))
+    assert applied.host_mmap_threshold == HOST_MMAP_THRESHOLD
+    assert applied.choices()["host_allocator"] == "glibc, mmap threshold 8 MiB"
+    assert "glibc's default keeps the freed activations" in applied.reasons["host_allocator"]
+    assert applied.plan.freed.startswith("returned to the OS at once") and applied.plan.summary()["freed"]
+    users = resolve(on=replace(machine(EPYC_AVX2), malloc_settings=("MALLOC_ARENA_MAX",)))
+    assert users.host_mmap_threshold is None and users.choices()["host_allocator"] == "as it is"
+    assert users.reasons["host_allocator"].startswith("MALLOC_ARENA_MAX set by the user; the plan assumes")
+    assert users.plan.freed.startswith("assumed returned")
+    musl = resolve(on=replace(machine(EPYC_AVX2), libc=""))
+    assert musl.host_mmap_threshold is None and "not glibc" in musl.reasons["host_allocator"]
+    on_gpu = resolve(on=machine(gpu="H100"))
+    assert on_gpu.host_mmap_threshold is None and on_gpu.reasons["host_allocator"] == "the GPU holds the activations"
+    assert on_gpu.plan.freed == "" and "freed" not in on_gpu.plan.summary()
+
+
+def test_the_users_malloc_settings_are_the_malloc_variables_and_glibcs_malloc_tunables():
+    environ = {"MALLOC_ARENA_MAX": "2", "PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert user_malloc_settings(environ) == ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")
+    assert user_malloc_settings({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=512"}) == ()
 
 
 # --- merged micro-batches -----------------------------------------------------------------------------------------

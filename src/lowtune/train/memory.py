@@ -18,10 +18,16 @@ Counted from the model family's shape (`model/arch`) and the run's choices, part
 On the CPU the same parts are counted as the CPU holds them, in host memory: activations in the compute dtype (fp32
 where the CPU has no native bf16), SwiGLU's output kept beside gate and up (no liger-kernel), eager attention's
 probabilities (records x heads x length^2 per layer) and its keys and values repeated to every head, and the
-process itself (`HOST_BASELINE`: Python, torch, transformers, the tokenizer and the records). Measured on the
-default example (bench/cpu_memory.py, its largest batch of 8 x 512 tokens first): 8.28 GiB with glibc's allocator
-returning freed memory at once (MALLOC_MMAP_THRESHOLD_=1048576), 9.9-10.1 GiB with its default, which keeps freed
-blocks for reuse (and up to 13.3 GiB when the largest batch comes twice in a row); planned 7.83 GiB.
+process itself (`HOST_BASELINE`: Python, torch, transformers, the tokenizer and the records).
+
+The plan counts live tensors, so on the CPU it holds where freed memory leaves the process: a CPU run has glibc mmap
+every block from 8 MiB up (decided in train/resolve.py, set by train/allocator.py before the weights load), and
+freeing such a block returns it to the OS. glibc's default raises that threshold to 32 MiB as mmapped blocks are
+freed and then keeps the freed activations (9-25 MB each in fp32 here) in its heap, fragmented, for reuse. Measured
+on the default example in fp32 (bench/cpu_memory.py, its largest batch of 8 x 512 tokens first; bench/NOTES.md,
+issue 20): 8.48 GiB with lowtune's setting, 9.4-10.0 GiB with glibc's default (and up to 13.3 GiB when the largest
+batch came twice in a row); planned 7.83 GiB. Where the user set glibc's malloc (MALLOC_*) or the C library is
+another, lowtune leaves it, and the plan says what it assumes (`freed`).
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class MemoryPlan:
     host: float = 0.0  # pinned host memory that holds the offloaded layer inputs
     device: str = "cuda"  # "cpu": the plan is of host memory, the process included
     process: float = 0.0  # the process itself before any weight (CPU plans)
+    freed: str = ""  # what a CPU plan takes of the memory a step frees (decided with the host allocator)
 
     @property
     def total(self) -> float:
@@ -81,6 +88,8 @@ class MemoryPlan:
         table.add_row("gradient checkpointing", self.checkpointing.describe(self.layers))
         if self.host:
             table.add_row("layer inputs in pinned host memory", f"{self.host / GIB:.2f} GiB")
+        if self.freed:
+            table.add_row("freed memory", self.freed)
         table.add_row("peak", f"{self.total / GIB:.2f} GiB")
         return table
 
@@ -89,7 +98,8 @@ class MemoryPlan:
         parts = {name: round(getattr(self, name) / GIB, 3) for name in ("weights", "adapters", "checkpoints")}
         parts |= {"activations": round(self.activations / GIB, 3), "loss": round(self.loss / GIB, 3)}
         parts |= {"host": round(self.host / GIB, 3), "peak": round(self.total / GIB, 3), "tokens": self.tokens}
-        return parts | ({"device": "cpu", "process": round(self.process / GIB, 3)} if self.device == "cpu" else {})
+        cpu = {"device": "cpu", "process": round(self.process / GIB, 3), "freed": self.freed}
+        return parts | (cpu if self.device == "cpu" else {})
 
 
 @dataclass(frozen=True)

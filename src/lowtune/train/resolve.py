@@ -51,6 +51,10 @@ DEFAULT_BATCH_SIZE = 8
 # CUDA graphs from this micro-batch size down: at ~1,200 tokens the H200 was busy 21% of an eager step and a graph
 # replayed the pass 4.2x faster; at 16,384 it was busy 97.7% (bench/NOTES.md), with nothing for a graph to remove.
 GRAPHS_UP_TO_TOKENS = 4096
+# glibc mmaps blocks from this size up, so that each is returned to the OS when freed: by default its threshold
+# climbs to 32 MiB as blocks are freed, and the freed fp32 activations (9-25 MB on the default example) stay in its
+# heap, fragmented, 20% over the plan (bench/NOTES.md, issue 20).
+HOST_MMAP_THRESHOLD = 8 * 2**20
 GPU_BUDGET = 0.9  # share of the GPU's memory a run may plan to use
 DENSE_COPY_SHARE = 0.25  # the cached dense base weights may take this share of the available host memory
 BF16_ON_AVX2_SLOWDOWN = "~30x"  # a bf16 matrix product against fp32 on a CPU without native bf16 (docs/quality.md)
@@ -132,6 +136,7 @@ class Resolved:
     cuda_graphs: bool = False  # each micro-batch's pass replayed from a CUDA graph (train/graphs.py)
     lora_variant: str = "lora, init default"  # lora.variant and lora.init, as peft applies them
     remake_down: bool = True  # the fused MLP makes down's input again in its backward pass (GroupKernels)
+    host_mmap_threshold: int | None = None  # set in glibc for a CPU run (train/allocator.py); None: left as it is
     reasons: dict[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     plan: MemoryPlan | None = None
@@ -167,6 +172,7 @@ class Resolved:
             "gradient_checkpointing": self.checkpointing.describe(self.plan.layers if self.plan else None),
             "down_input": "made again in the backward pass" if self.fused_lora and self.remake_down else "kept",
             "cuda_graphs": self.cuda_graphs,
+            "host_allocator": _host_allocator_text(self.host_mmap_threshold),
             "length": self.length,
             "chat_format": self.chat_format,
         }
@@ -403,6 +409,9 @@ def resolve_run(
     remake_down = True
     if fused and run_shape is not None:
         remake_down, plan = _down_input(checkpointing, plan, machine, on_gpu, run_shape, decisions)
+    host_mmap_threshold = _host_allocator(machine, on_gpu, decisions)
+    if plan is not None and not on_gpu:
+        plan = replace(plan, freed=_freed_text(host_mmap_threshold))
     if graphs or preference:
         liger = tuple(part for part in liger if part != "fused_linear_cross_entropy")
     decisions.raise_problems()
@@ -428,6 +437,7 @@ def resolve_run(
         length=length,
         cuda_graphs=graphs,
         remake_down=remake_down,
+        host_mmap_threshold=host_mmap_threshold,
         chat_format=chat_format,
         reasons=decisions.reasons,
         warnings=tuple(decisions.warnings),
@@ -797,6 +807,38 @@ def _down_input(
         f"{plan.total / GIB:.1f} GiB",
     )
     return True, plan
+
+
+def _host_allocator(machine: Machine, on_gpu: bool, decisions: _Decisions) -> int | None:
+    """glibc's mmap threshold for a CPU run, where the host holds the activations and the plan counts them as live
+    tensors only; None where the GPU holds them, the user set glibc's malloc, or the libc is another."""
+    if on_gpu:
+        decisions.why("host_allocator", "the GPU holds the activations")
+        return None
+    assumes = "the plan assumes freed activations are returned to the OS at once"
+    if machine.malloc_settings:
+        decisions.why("host_allocator", f"{', '.join(machine.malloc_settings)} set by the user; {assumes}")
+        return None
+    if machine.libc != "glibc":
+        decisions.why("host_allocator", f"the C library is {machine.libc or 'not glibc'}; {assumes}")
+        return None
+    decisions.why(
+        "host_allocator",
+        f"blocks from {HOST_MMAP_THRESHOLD / 2**20:g} MiB returned to the OS when freed: glibc's default keeps the "
+        "freed activations, 20% over the plan",
+    )
+    return HOST_MMAP_THRESHOLD
+
+
+def _host_allocator_text(threshold: int | None) -> str:
+    return f"glibc, mmap threshold {threshold / 2**20:g} MiB" if threshold else "as it is"
+
+
+def _freed_text(threshold: int | None) -> str:
+    """What a CPU plan takes of the host memory a step frees."""
+    if threshold:
+        return f"returned to the OS at once (glibc, blocks from {threshold / 2**20:g} MiB mmapped)"
+    return "assumed returned to the OS at once (host allocator as it is)"
 
 
 def _device_map_text(device_map: Any) -> str:
