@@ -100,6 +100,20 @@ def test_keeping_down_input_costs_two_bytes_per_intermediate_feature_a_token_and
     assert kept.activations - made_again.activations == 2 * SHAPE.intermediate * 16384 * SHAPE.layers
 
 
+def test_eager_attention_on_a_bf16_cpu_keeps_the_fp32_softmax_output_beside_its_bf16_cast():
+    """transformers' eager attention: softmax(dtype=float32) keeps its fp32 output for its backward, .to(bf16) the
+    cast for the product with the values; in fp32 they are one tensor (4 bytes a probability, 6 in bf16)."""
+    cpu = dict(device="cpu", attention="eager", row_length=512, tokens=4096, dropout=0.0)
+    per_probability = {}
+    for precision in ("fp32", "bf16"):
+        eager, sdpa = (run_shape(precision=precision, **cpu | {"attention": a}) for a in ("eager", "sdpa"))
+        kept = eager.plan(Checkpointing("off")).activations - sdpa.plan(Checkpointing("off")).activations
+        repeated = 2 * (SHAPE.q_width - SHAPE.kv_width) * 4096 * {"fp32": 4, "bf16": 2}[precision] * SHAPE.layers
+        backward = 2 * SHAPE.heads * 512 * 4 * 4096  # the probabilities' and the scores' gradients, in fp32
+        per_probability[precision] = (kept - repeated - backward) / (SHAPE.heads * 512 * 4096 * SHAPE.layers)
+    assert per_probability == {"fp32": 4, "bf16": 6}
+
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -21,7 +21,7 @@ from lowtune.model.checkpointing import Checkpointing
 from lowtune.train.allocator import user_malloc_settings
 from lowtune.train.graphs import BUCKET
 from lowtune.train.memory import GIB, RunShape
-from lowtune.train.resolve import HOST_MMAP_THRESHOLD, resolve_loading, resolve_run
+from lowtune.train.resolve import mmap_threshold, resolve_loading, resolve_run
 
 QWEN_7B = Qwen2Config(**QWEN_7B_SHAPE).to_dict()
 LENGTHS = [200] * 400  # records of 200 tokens: 81 of them to a batch of 16k
@@ -287,8 +287,8 @@ def test_the_log_has_one_line_per_choice(caplog):
 
 def test_a_cpu_run_has_glibc_return_freed_blocks_unless_the_user_set_malloc_or_the_run_is_on_the_gpu():
     applied = resolve(on=machine(EPYC_AVX2))
-    assert applied.host_mmap_threshold == HOST_MMAP_THRESHOLD
-    assert applied.choices()["host_allocator"] == "glibc, mmap threshold 8 MiB"
+    assert applied.host_mmap_threshold == 16 * 2**20  # 1,600 tokens x 3,584 x 4 bytes: 22.9 MB
+    assert applied.choices()["host_allocator"] == "glibc, mmap threshold 16 MiB"
     assert "glibc's default keeps the freed activations" in applied.reasons["host_allocator"]
     assert applied.plan.freed.startswith("returned to the OS at once") and applied.plan.summary()["freed"]
     users = resolve(on=replace(machine(EPYC_AVX2), malloc_settings=("MALLOC_ARENA_MAX",)))
@@ -300,6 +300,16 @@ def test_a_cpu_run_has_glibc_return_freed_blocks_unless_the_user_set_malloc_or_t
     on_gpu = resolve(on=machine(gpu="H100"))
     assert on_gpu.host_mmap_threshold is None and on_gpu.reasons["host_allocator"] == "the GPU holds the activations"
     assert on_gpu.plan.freed == "" and "freed" not in on_gpu.plan.summary()
+
+
+@pytest.mark.parametrize(
+    ("tokens", "precision", "mib"), [(4096, "fp32", 8), (4096, "bf16", 4), (64, "fp32", 1), (65536, "fp32", 32)]
+)
+def test_the_mmap_threshold_is_a_power_of_two_within_one_hidden_wide_activation_in_glibcs_bounds(
+    tokens, precision, mib
+):
+    smollm = replace(llama.FAMILY.shape(QWEN_7B), hidden=576)  # SmolLM2-135M's width: 9.4 MB at 4,096 tokens, fp32
+    assert mmap_threshold(RunShape(smollm, "4bit", precision, True, 8, frozenset(), tokens, 0.0, True)) == mib * 2**20
 
 
 def test_the_users_malloc_settings_are_the_malloc_variables_and_glibcs_malloc_tunables():

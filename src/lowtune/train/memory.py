@@ -17,13 +17,15 @@ Counted from the model family's shape (`model/arch`) and the run's choices, part
 
 On the CPU the same parts are counted as the CPU holds them, in host memory: activations in the compute dtype (fp32
 where the CPU has no native bf16), SwiGLU's output kept beside gate and up (no liger-kernel), eager attention's
-probabilities (records x heads x length^2 per layer) and its keys and values repeated to every head, and the
-process itself (`HOST_BASELINE`: Python, torch, transformers, the tokenizer and the records).
+probabilities (records x heads x length^2 per layer; in bf16 its fp32 softmax output too) and its keys and values
+repeated to every head, and the process itself (`HOST_BASELINE`: Python, torch, transformers, the tokenizer and the
+records).
 
 The plan counts live tensors, so on the CPU it holds where freed memory leaves the process: a CPU run has glibc mmap
-every block from 8 MiB up (decided in train/resolve.py, set by train/allocator.py before the weights load), and
-freeing such a block returns it to the OS. glibc's default raises that threshold to 32 MiB as mmapped blocks are
-freed and then keeps the freed activations (9-25 MB each in fp32 here) in its heap, fragmented, for reuse. Measured
+every block from the size of a hidden-wide activation of the largest micro-batch up (8 MiB on the default example in
+fp32, 4 in bf16; decided in train/resolve.py, set by train/allocator.py before the weights load), and freeing such
+a block returns it to the OS. glibc's default raises that threshold to 32 MiB as mmapped blocks are freed and then
+keeps the freed activations (9-25 MB each in fp32 here) in its heap, fragmented, for reuse. Measured
 on the default example in fp32 (bench/cpu_memory.py, its largest batch of 8 x 512 tokens first; bench/NOTES.md,
 issue 20): 8.48 GiB with lowtune's setting, 9.4-10.0 GiB with glibc's default (and up to 13.3 GiB when the largest
 batch came twice in a row); planned 7.83 GiB. Where the user set glibc's malloc (MALLOC_*) or the C library is
@@ -44,6 +46,7 @@ from lowtune.train.loss import chunk_peak_bytes
 
 GIB = 2**30
 BF16 = 2
+FP32 = 4
 PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 LAYER_INPUTS_IN_FLIGHT = 2  # offloaded: the input of the layer in its backward pass, and the next one's, prefetched
 # A CPU run's process before any weight: Python, torch 2.13 (CPU), transformers 5.25, the tokenizer and the bundled
@@ -137,8 +140,8 @@ class RunShape:
         # gate, up) at once, on top of what the layers keep: with it the plan is within 0.5% of the peak measured on
         # a 7B shape at 16k tokens, with and without checkpointing (bench/NOTES.md).
         backward_bytes = 3 * shape.intermediate * width * tokens
-        if on_cpu and self.attention == "eager":  # the probabilities' gradient and the scores' it makes
-            backward_bytes += 2 * shape.heads * self.row_length * width * tokens
+        if on_cpu and self.attention == "eager":  # the probabilities' gradient and the scores' it makes, in fp32
+            backward_bytes += 2 * shape.heads * self.row_length * FP32 * tokens
         layer_input = tokens * shape.hidden * BF16
         checkpointed = checkpointing.checkpointed(shape.layers)
         on_gpu = checkpointed if checkpointing.mode == "on" else min(checkpointed, LAYER_INPUTS_IN_FLIGHT)
@@ -244,8 +247,12 @@ def saved_bytes_per_token(shape: Shape, dropout: float, fused: bool, remake_down
 
 def eager_bytes_per_token(shape: Shape, row_length: int, width: int) -> float:
     """What eager attention keeps per token and layer beyond flash attention's q, k, v: the softmax's output (one
-    probability per head and key of the row) and the keys and values repeated to every query head."""
-    probabilities = shape.heads * row_length * width
+    probability per head and key of the row) and the keys and values repeated to every query head.
+
+    transformers' eager attention computes the softmax in fp32, which keeps its fp32 output for its backward, and
+    casts it to the compute dtype for the product with the values, which keeps that cast: in bf16 both are kept (6
+    bytes a probability; on the default example 2.26 GiB the plan lacked, bench/NOTES.md), in fp32 they are one."""
+    probabilities = shape.heads * row_length * (FP32 + (width if width != FP32 else 0))
     repeated = 2 * (shape.q_width - shape.kv_width) * width
     return probabilities + repeated
 

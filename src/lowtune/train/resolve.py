@@ -51,10 +51,9 @@ DEFAULT_BATCH_SIZE = 8
 # CUDA graphs from this micro-batch size down: at ~1,200 tokens the H200 was busy 21% of an eager step and a graph
 # replayed the pass 4.2x faster; at 16,384 it was busy 97.7% (bench/NOTES.md), with nothing for a graph to remove.
 GRAPHS_UP_TO_TOKENS = 4096
-# glibc mmaps blocks from this size up, so that each is returned to the OS when freed: by default its threshold
-# climbs to 32 MiB as blocks are freed, and the freed fp32 activations (9-25 MB on the default example) stay in its
-# heap, fragmented, 20% over the plan (bench/NOTES.md, issue 20).
-HOST_MMAP_THRESHOLD = 8 * 2**20
+# glibc's bounds on the mmap threshold lowtune sets (mallopt refuses more than 32 MiB on 64-bit; below 1 MiB the
+# mmaps of every layer's smaller blocks cost a third of a step: bench/NOTES.md)
+MMAP_THRESHOLD_RANGE = (2**20, 32 * 2**20)
 GPU_BUDGET = 0.9  # share of the GPU's memory a run may plan to use
 DENSE_COPY_SHARE = 0.25  # the cached dense base weights may take this share of the available host memory
 BF16_ON_AVX2_SLOWDOWN = "~30x"  # a bf16 matrix product against fp32 on a CPU without native bf16 (docs/quality.md)
@@ -409,7 +408,7 @@ def resolve_run(
     remake_down = True
     if fused and run_shape is not None:
         remake_down, plan = _down_input(checkpointing, plan, machine, on_gpu, run_shape, decisions)
-    host_mmap_threshold = _host_allocator(machine, on_gpu, decisions)
+    host_mmap_threshold = _host_allocator(machine, on_gpu, run_shape, decisions)
     if plan is not None and not on_gpu:
         plan = replace(plan, freed=_freed_text(host_mmap_threshold))
     if graphs or preference:
@@ -809,11 +808,14 @@ def _down_input(
     return True, plan
 
 
-def _host_allocator(machine: Machine, on_gpu: bool, decisions: _Decisions) -> int | None:
-    """glibc's mmap threshold for a CPU run, where the host holds the activations and the plan counts them as live
-    tensors only; None where the GPU holds them, the user set glibc's malloc, or the libc is another."""
+def _host_allocator(machine: Machine, on_gpu: bool, run_shape: RunShape | None, decisions: _Decisions) -> int | None:
+    """glibc's mmap threshold for a CPU run, where the host holds the activations and the plan counts live tensors
+    only; None where the GPU holds them, there is no plan, the user set glibc's malloc, or the libc is another."""
     if on_gpu:
         decisions.why("host_allocator", "the GPU holds the activations")
+        return None
+    if run_shape is None:
+        decisions.why("host_allocator", "no memory plan for this model family")
         return None
     assumes = "the plan assumes freed activations are returned to the OS at once"
     if machine.malloc_settings:
@@ -822,12 +824,22 @@ def _host_allocator(machine: Machine, on_gpu: bool, decisions: _Decisions) -> in
     if machine.libc != "glibc":
         decisions.why("host_allocator", f"the C library is {machine.libc or 'not glibc'}; {assumes}")
         return None
+    threshold = mmap_threshold(run_shape)
     decisions.why(
         "host_allocator",
-        f"blocks from {HOST_MMAP_THRESHOLD / 2**20:g} MiB returned to the OS when freed: glibc's default keeps the "
-        "freed activations, 20% over the plan",
+        f"blocks from {threshold / 2**20:g} MiB (a hidden-wide activation of the largest micro-batch and up) "
+        "returned to the OS when freed: glibc's default keeps the freed activations, 20% over the plan",
     )
-    return HOST_MMAP_THRESHOLD
+    return threshold
+
+
+def mmap_threshold(run_shape: RunShape) -> int:
+    """The largest power of two within one hidden-wide activation of the largest micro-batch, in glibc's bounds: the
+    activations of every layer are mmapped, and so leave the process when freed (by default glibc raises its
+    threshold to 32 MiB as mmapped blocks are freed, and then keeps them in its heap, fragmented, for reuse)."""
+    activation = run_shape.tokens * run_shape.shape.hidden * PRECISION_BYTES[run_shape.precision]
+    low, high = MMAP_THRESHOLD_RANGE
+    return min(max(1 << (activation.bit_length() - 1), low), high)
 
 
 def _host_allocator_text(threshold: int | None) -> str:
