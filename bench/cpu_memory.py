@@ -26,7 +26,6 @@ from lowtune.config import load_config  # noqa: E402
 from lowtune.model.load import load_weights  # noqa: E402
 from lowtune.model.lora import attach_lora  # noqa: E402
 from lowtune.recipe import align_special_tokens, prepare  # noqa: E402
-from lowtune.train.allocator import set_mmap_threshold  # noqa: E402
 from lowtune.train.memory import GIB  # noqa: E402
 from lowtune.train.trainer import build_trainer  # noqa: E402
 
@@ -81,8 +80,6 @@ def main() -> None:
     setup = prepare(config, overwrite=True)
     phases["records and tokenizer"] = rss()
     resolved = setup.resolved
-    if resolved.host_mmap_threshold:  # as lowtune train sets it
-        set_mmap_threshold(resolved.host_mmap_threshold)
     model = load_weights(config.model, resolved.loading)
     align_special_tokens(model, setup.tokenizer)
     phases["weights"] = rss()

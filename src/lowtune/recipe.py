@@ -41,7 +41,6 @@ from lowtune.model.default import portable_reference
 from lowtune.model.load import load_tokenizer, load_weights, resolve_model_path
 from lowtune.model.lora import attach_lora, load_adapter_weights, name_base_portably
 from lowtune.model.summary import summary_table
-from lowtune.train.allocator import set_mmap_threshold
 from lowtune.train.memory import GIB, MemoryPlan
 from lowtune.train.metrics import METRICS_FILE_NAME
 from lowtune.train.preference import build_preference_trainer
@@ -181,8 +180,6 @@ def run(
     elif overwrite:
         remove_previous_run(output)
     remove_staging(output)
-    if resolved.host_mmap_threshold:  # before the weights, so that every large block of the run is mmapped
-        set_mmap_threshold(resolved.host_mmap_threshold)
     model = load_weights(config.model, resolved.loading)
     align_special_tokens(model, setup.tokenizer)
     set_seed(config.train.seed)  # the adapters' initial values too depend on the seed, not on what ran before

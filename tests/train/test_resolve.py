@@ -21,7 +21,7 @@ from lowtune.model.checkpointing import Checkpointing
 from lowtune.train.allocator import user_malloc_settings
 from lowtune.train.graphs import BUCKET
 from lowtune.train.memory import GIB, RunShape
-from lowtune.train.resolve import mmap_threshold, resolve_loading, resolve_run
+from lowtune.train.resolve import resolve_loading, resolve_run
 
 QWEN_7B = Qwen2Config(**QWEN_7B_SHAPE).to_dict()
 LENGTHS = [200] * 400  # records of 200 tokens: 81 of them to a batch of 16k
@@ -285,31 +285,19 @@ def test_the_log_has_one_line_per_choice(caplog):
     assert f"planned peak host memory {resolved.plan.total / GIB:.2f} GiB (CPU)" in lines
 
 
-def test_a_cpu_run_has_glibc_return_freed_blocks_unless_the_user_set_malloc_or_the_run_is_on_the_gpu():
-    applied = resolve(on=machine(EPYC_AVX2))
-    assert applied.host_mmap_threshold == 16 * 2**20  # 1,600 tokens x 3,584 x 4 bytes: 22.9 MB
-    assert applied.choices()["host_allocator"] == "glibc, mmap threshold 16 MiB"
-    assert "glibc's default keeps the freed activations" in applied.reasons["host_allocator"]
-    assert applied.plan.freed.startswith("returned to the OS at once") and applied.plan.summary()["freed"]
-    users = resolve(on=replace(machine(EPYC_AVX2), malloc_settings=("MALLOC_ARENA_MAX",)))
-    assert users.host_mmap_threshold is None and users.choices()["host_allocator"] == "as it is"
-    assert users.reasons["host_allocator"].startswith("MALLOC_ARENA_MAX set by the user; the plan assumes")
-    assert users.plan.freed.startswith("assumed returned")
-    musl = resolve(on=replace(machine(EPYC_AVX2), libc=""))
-    assert musl.host_mmap_threshold is None and "not glibc" in musl.reasons["host_allocator"]
-    on_gpu = resolve(on=machine(gpu="H100"))
-    assert on_gpu.host_mmap_threshold is None and on_gpu.reasons["host_allocator"] == "the GPU holds the activations"
-    assert on_gpu.plan.freed == "" and "freed" not in on_gpu.plan.summary()
-
-
-@pytest.mark.parametrize(
-    ("tokens", "precision", "mib"), [(4096, "fp32", 8), (4096, "bf16", 4), (64, "fp32", 1), (65536, "fp32", 32)]
-)
-def test_the_mmap_threshold_is_a_power_of_two_within_one_hidden_wide_activation_in_glibcs_bounds(
-    tokens, precision, mib
-):
-    smollm = replace(llama.FAMILY.shape(QWEN_7B), hidden=576)  # SmolLM2-135M's width: 9.4 MB at 4,096 tokens, fp32
-    assert mmap_threshold(RunShape(smollm, "4bit", precision, True, 8, frozenset(), tokens, 0.0, True)) == mib * 2**20
+def test_a_cpu_plan_counts_what_glibcs_heap_keeps_unless_the_user_set_malloc_or_the_libc_is_another():
+    short = [20] * 400  # 160 tokens a batch: the 7B shape's activations are blocks under 32 MiB
+    glibc = resolve(on=machine(EPYC_AVX2), lengths=short).plan
+    assert glibc.retained > 0 and glibc.freed.startswith("glibc's heap keeps 40% of the activations")
+    assert glibc.summary()["retained"] == round(glibc.retained / GIB, 3)
+    users = resolve(on=replace(machine(EPYC_AVX2), malloc_settings=("MALLOC_ARENA_MAX",)), lengths=short).plan
+    assert users.retained == 0
+    assert users.freed == "assumed returned to the OS at once (MALLOC_ARENA_MAX set by the user)"
+    assert glibc.total - users.total == glibc.retained
+    musl = resolve(on=replace(machine(EPYC_AVX2), libc=""), lengths=short).plan
+    assert musl.retained == 0 and musl.freed.endswith("(not glibc)")
+    on_gpu = resolve(on=machine(gpu="H100")).plan
+    assert on_gpu.retained == 0 and on_gpu.freed == "" and "freed" not in on_gpu.summary()
 
 
 def test_the_users_malloc_settings_are_the_malloc_variables_and_glibcs_malloc_tunables():

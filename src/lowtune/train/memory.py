@@ -21,15 +21,15 @@ probabilities (records x heads x length^2 per layer; in bf16 its fp32 softmax ou
 repeated to every head, and the process itself (`HOST_BASELINE`: Python, torch, transformers, the tokenizer and the
 records).
 
-The plan counts live tensors, so on the CPU it holds where freed memory leaves the process: a CPU run has glibc mmap
-every block from the size of a hidden-wide activation of the largest micro-batch up (8 MiB on the default example in
-fp32, 4 in bf16; decided in train/resolve.py, set by train/allocator.py before the weights load), and freeing such
-a block returns it to the OS. glibc's default raises that threshold to 32 MiB as mmapped blocks are freed and then
-keeps the freed activations (9-25 MB each in fp32 here) in its heap, fragmented, for reuse. Measured
-on the default example in fp32 (bench/cpu_memory.py, its largest batch of 8 x 512 tokens first; bench/NOTES.md,
-issue 20): 8.48 GiB with lowtune's setting, 9.4-10.0 GiB with glibc's default (and up to 13.3 GiB when the largest
-batch came twice in a row); planned 7.83 GiB. Where the user set glibc's malloc (MALLOC_*) or the C library is
-another, lowtune leaves it, and the plan says what it assumes (`freed`).
+What is live is not all a CPU run holds: glibc's malloc, as it comes, raises its mmap threshold to 32 MiB as mmapped
+blocks are freed, and from then on keeps what is freed in blocks under it (the fp32 activations of 9-25 MB here) in
+its heap, fragmented, for reuse. The CPU plan counts that as `retained`: `GLIBC_HEAP_KEEPS` of the activations a
+layer keeps in such blocks (`RunShape.heap_bytes_per_token`), measured, not derived. Returning those blocks at once
+instead (a fixed threshold under them, MALLOC_MMAP_THRESHOLD_ or mallopt) costs 10-20% of a step in fp32 and 30-45%
+in bf16 here, so lowtune leaves glibc as it is. Measured on the default example in fp32 (bench/cpu_memory.py, its
+largest batch of 8 x 512 tokens first; bench/NOTES.md, issue 20): 9.38-9.90 GiB, the whole job 8.49 GiB; planned
+9.52 GiB (7.83 live, 1.69 kept). Where the user set glibc's malloc (MALLOC_*, GLIBC_TUNABLES) or the C library is
+another, the plan assumes freed memory returned at once, and says so (`freed`).
 """
 
 from __future__ import annotations
@@ -52,6 +52,13 @@ LAYER_INPUTS_IN_FLIGHT = 2  # offloaded: the input of the layer in its backward 
 # A CPU run's process before any weight: Python, torch 2.13 (CPU), transformers 5.25, the tokenizer and the bundled
 # records; measured resident 0.70 GiB (bench/cpu_memory.py, "records and tokenizer").
 HOST_BASELINE = int(0.70 * GIB)
+# glibc's malloc as it comes raises its mmap threshold up to 32 MiB as mmapped blocks are freed: from then on blocks
+# under it come from its heap, and the heap keeps what is freed there, fragmented, for reuse. Measured with the
+# default example's largest batch first (bench/NOTES.md, issue 20), the peak is above what is live by about this
+# share of the activations kept in such blocks (0.44 in fp32, 0.61 in bf16 at the median peaks; 0.40 keeps the
+# whole job, whose peak is lower, within 15% too).
+GLIBC_MMAP_CEILING = 32 * 2**20
+GLIBC_HEAP_KEEPS = 0.40
 
 
 @dataclass(frozen=True)
@@ -67,13 +74,16 @@ class MemoryPlan:
     host: float = 0.0  # pinned host memory that holds the offloaded layer inputs
     device: str = "cuda"  # "cpu": the plan is of host memory, the process included
     process: float = 0.0  # the process itself before any weight (CPU plans)
-    freed: str = ""  # what a CPU plan takes of the memory a step frees (decided with the host allocator)
+    freed: str = ""  # what a CPU plan takes of the memory a step frees (train/resolve.py)
+    retained: float = 0.0  # what glibc's heap keeps of the freed activations (CPU plans, `GLIBC_HEAP_KEEPS`)
 
     @property
     def total(self) -> float:
         # The backward pass holds checkpoints and one layer's activations; the loss comes before it, on top of the
         # checkpoints only. The peak is the larger of the two phases.
-        return self.process + self.weights + self.adapters + self.checkpoints + max(self.activations, self.loss)
+        # What glibc's heap keeps builds up with the backward pass's frees, on top of its activations.
+        held = max(self.activations + self.retained, self.loss)
+        return self.process + self.weights + self.adapters + self.checkpoints + held
 
     @property
     def memory(self) -> str:
@@ -92,6 +102,7 @@ class MemoryPlan:
         if self.host:
             table.add_row("layer inputs in pinned host memory", f"{self.host / GIB:.2f} GiB")
         if self.freed:
+            table.add_row("kept by glibc's heap", f"{self.retained / GIB:.2f} GiB")
             table.add_row("freed memory", self.freed)
         table.add_row("peak", f"{self.total / GIB:.2f} GiB")
         return table
@@ -101,7 +112,8 @@ class MemoryPlan:
         parts = {name: round(getattr(self, name) / GIB, 3) for name in ("weights", "adapters", "checkpoints")}
         parts |= {"activations": round(self.activations / GIB, 3), "loss": round(self.loss / GIB, 3)}
         parts |= {"host": round(self.host / GIB, 3), "peak": round(self.total / GIB, 3), "tokens": self.tokens}
-        cpu = {"device": "cpu", "process": round(self.process / GIB, 3), "freed": self.freed}
+        cpu = {"device": "cpu", "process": round(self.process / GIB, 3), "retained": round(self.retained / GIB, 3)}
+        cpu["freed"] = self.freed
         return parts | (cpu if self.device == "cpu" else {})
 
 
@@ -123,6 +135,7 @@ class RunShape:
     dense_copy_bytes: int = 0  # the cached dense base weights (GroupKernels.dequantize_once)
     remake_down: bool = True  # the fused MLP makes down's input again in the backward pass (GroupKernels)
     device: str = "cuda"  # "cpu": host memory, as the CPU holds the run (see the module docstring)
+    glibc_heap: bool = False  # a CPU run's freed memory goes to glibc's malloc as it comes (`GLIBC_HEAP_KEEPS`)
     row_length: int = 0  # the longest row of the largest micro-batch (eager attention's probabilities grow with it)
     attention: str = "sdpa"
 
@@ -165,7 +178,24 @@ class RunShape:
             host=checkpointed * layer_input if checkpointing.mode == "offload" else 0.0,
             device="cpu" if on_cpu else "cuda",
             process=HOST_BASELINE if on_cpu else 0.0,
+            retained=GLIBC_HEAP_KEEPS * layers_alive * self.heap_bytes_per_token(per_token, width) * tokens
+            if on_cpu and self.glibc_heap
+            else 0.0,
         )
+
+    def heap_bytes_per_token(self, per_token: float, width: int) -> float:
+        """Of what a layer keeps per token, the bytes in blocks glibc's heap holds (under `GLIBC_MMAP_CEILING`):
+        none where even an intermediate-wide activation is above it (the layer's blocks are then mmapped, returned
+        when freed), and not eager attention's probabilities where each layer's is above it."""
+        shape, tokens = self.shape, self.tokens
+        if tokens * shape.intermediate * width >= GLIBC_MMAP_CEILING:
+            return 0.0
+        if self.attention != "eager":
+            return per_token
+        probabilities = (FP32, width) if width != FP32 else (FP32,)  # the fp32 softmax output and its cast
+        per_probability = shape.heads * self.row_length
+        mmapped = sum(b for b in probabilities if tokens * per_probability * b >= GLIBC_MMAP_CEILING)
+        return per_token - per_probability * mmapped
 
 
 @dataclass(frozen=True)

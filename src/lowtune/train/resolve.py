@@ -35,6 +35,7 @@ from lowtune.model.load import Loading
 from lowtune.train.graphs import BUCKET as GRAPH_BUCKET
 from lowtune.train.memory import (
     GIB,
+    GLIBC_HEAP_KEEPS,
     PRECISION_BYTES,
     MemoryPlan,
     RunShape,
@@ -51,9 +52,6 @@ DEFAULT_BATCH_SIZE = 8
 # CUDA graphs from this micro-batch size down: at ~1,200 tokens the H200 was busy 21% of an eager step and a graph
 # replayed the pass 4.2x faster; at 16,384 it was busy 97.7% (bench/NOTES.md), with nothing for a graph to remove.
 GRAPHS_UP_TO_TOKENS = 4096
-# glibc's bounds on the mmap threshold lowtune sets (mallopt refuses more than 32 MiB on 64-bit; below 1 MiB the
-# mmaps of every layer's smaller blocks cost a third of a step: bench/NOTES.md)
-MMAP_THRESHOLD_RANGE = (2**20, 32 * 2**20)
 GPU_BUDGET = 0.9  # share of the GPU's memory a run may plan to use
 DENSE_COPY_SHARE = 0.25  # the cached dense base weights may take this share of the available host memory
 BF16_ON_AVX2_SLOWDOWN = "~30x"  # a bf16 matrix product against fp32 on a CPU without native bf16 (docs/quality.md)
@@ -135,7 +133,6 @@ class Resolved:
     cuda_graphs: bool = False  # each micro-batch's pass replayed from a CUDA graph (train/graphs.py)
     lora_variant: str = "lora, init default"  # lora.variant and lora.init, as peft applies them
     remake_down: bool = True  # the fused MLP makes down's input again in its backward pass (GroupKernels)
-    host_mmap_threshold: int | None = None  # set in glibc for a CPU run (train/allocator.py); None: left as it is
     reasons: dict[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     plan: MemoryPlan | None = None
@@ -171,7 +168,6 @@ class Resolved:
             "gradient_checkpointing": self.checkpointing.describe(self.plan.layers if self.plan else None),
             "down_input": "made again in the backward pass" if self.fused_lora and self.remake_down else "kept",
             "cuda_graphs": self.cuda_graphs,
-            "host_allocator": _host_allocator_text(self.host_mmap_threshold),
             "length": self.length,
             "chat_format": self.chat_format,
         }
@@ -389,6 +385,7 @@ def resolve_run(
             loss=loss,
             dense_copy_bytes=_dense_copy_bytes(shape, compute) if base_weights == "cached" else 0,
             device=device if on_gpu else "cpu",
+            glibc_heap=not on_gpu and _glibc_heap(machine),
             row_length=max(lengths),
             attention=attention,
         )
@@ -408,9 +405,8 @@ def resolve_run(
     remake_down = True
     if fused and run_shape is not None:
         remake_down, plan = _down_input(checkpointing, plan, machine, on_gpu, run_shape, decisions)
-    host_mmap_threshold = _host_allocator(machine, on_gpu, run_shape, decisions)
     if plan is not None and not on_gpu:
-        plan = replace(plan, freed=_freed_text(host_mmap_threshold))
+        plan = replace(plan, freed=_freed_text(machine))
     if graphs or preference:
         liger = tuple(part for part in liger if part != "fused_linear_cross_entropy")
     decisions.raise_problems()
@@ -436,7 +432,6 @@ def resolve_run(
         length=length,
         cuda_graphs=graphs,
         remake_down=remake_down,
-        host_mmap_threshold=host_mmap_threshold,
         chat_format=chat_format,
         reasons=decisions.reasons,
         warnings=tuple(decisions.warnings),
@@ -808,49 +803,18 @@ def _down_input(
     return True, plan
 
 
-def _host_allocator(machine: Machine, on_gpu: bool, run_shape: RunShape | None, decisions: _Decisions) -> int | None:
-    """glibc's mmap threshold for a CPU run, where the host holds the activations and the plan counts live tensors
-    only; None where the GPU holds them, there is no plan, the user set glibc's malloc, or the libc is another."""
-    if on_gpu:
-        decisions.why("host_allocator", "the GPU holds the activations")
-        return None
-    if run_shape is None:
-        decisions.why("host_allocator", "no memory plan for this model family")
-        return None
-    assumes = "the plan assumes freed activations are returned to the OS at once"
-    if machine.malloc_settings:
-        decisions.why("host_allocator", f"{', '.join(machine.malloc_settings)} set by the user; {assumes}")
-        return None
-    if machine.libc != "glibc":
-        decisions.why("host_allocator", f"the C library is {machine.libc or 'not glibc'}; {assumes}")
-        return None
-    threshold = mmap_threshold(run_shape)
-    decisions.why(
-        "host_allocator",
-        f"blocks from {threshold / 2**20:g} MiB (a hidden-wide activation of the largest micro-batch and up) "
-        "returned to the OS when freed: glibc's default keeps the freed activations, 20% over the plan",
-    )
-    return threshold
+def _glibc_heap(machine: Machine) -> bool:
+    """Whether a CPU run's freed memory goes to glibc's malloc as it comes (which keeps blocks in its heap): the
+    plan then counts what it keeps (`RunShape.glibc_heap`)."""
+    return machine.libc == "glibc" and not machine.malloc_settings
 
 
-def mmap_threshold(run_shape: RunShape) -> int:
-    """The largest power of two within one hidden-wide activation of the largest micro-batch, in glibc's bounds: the
-    activations of every layer are mmapped, and so leave the process when freed (by default glibc raises its
-    threshold to 32 MiB as mmapped blocks are freed, and then keeps them in its heap, fragmented, for reuse)."""
-    activation = run_shape.tokens * run_shape.shape.hidden * PRECISION_BYTES[run_shape.precision]
-    low, high = MMAP_THRESHOLD_RANGE
-    return min(max(1 << (activation.bit_length() - 1), low), high)
-
-
-def _host_allocator_text(threshold: int | None) -> str:
-    return f"glibc, mmap threshold {threshold / 2**20:g} MiB" if threshold else "as it is"
-
-
-def _freed_text(threshold: int | None) -> str:
+def _freed_text(machine: Machine) -> str:
     """What a CPU plan takes of the host memory a step frees."""
-    if threshold:
-        return f"returned to the OS at once (glibc, blocks from {threshold / 2**20:g} MiB mmapped)"
-    return "assumed returned to the OS at once (host allocator as it is)"
+    if _glibc_heap(machine):
+        return f"glibc's heap keeps {GLIBC_HEAP_KEEPS:.0%} of the activations in blocks under 32 MiB (counted)"
+    why = f"{', '.join(machine.malloc_settings)} set by the user" if machine.libc == "glibc" else "not glibc"
+    return f"assumed returned to the OS at once ({why})"
 
 
 def _device_map_text(device_map: Any) -> str:

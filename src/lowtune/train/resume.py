@@ -35,9 +35,8 @@ MAY_CHANGE = {
     "train.eval_steps",
     "output_dir",
 }
-# length follows train.max_steps / train.epochs; down's input made again or kept gives the same gradients to the bit;
-# the host allocator changes where freed memory goes, not what a step computes
-RESOLVED_MAY_CHANGE = {"length", "down_input", "host_allocator"}
+# length follows train.max_steps / train.epochs; down's input made again or kept gives the same gradients to the bit
+RESOLVED_MAY_CHANGE = {"length", "down_input"}
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
