@@ -4,7 +4,8 @@
 
 Runs the config's first steps as `lowtune train` does (no evaluation, no saving), its largest micro-batch first so
 that the peak the plan predicts is reached at once, and prints the resident memory (RSS) after each phase (imports,
-records and tokenizer, weights, adapters, each step) and the process's peak beside the plan, as one JSON line last.
+records and tokenizer, weights, adapters, the steps), each step's seconds and the RSS after it, and the process's
+peak beside the plan, as one JSON line last.
 tests/train/test_memory.py runs it on the default example.
 """
 
@@ -19,7 +20,9 @@ import psutil
 
 START_RSS = psutil.Process().memory_info().rss
 
-from lowtune.config import load_config  # noqa: E402 (the interpreter's own memory is read first)
+from transformers import TrainerCallback  # noqa: E402 (the interpreter's own memory is read first)
+
+from lowtune.config import load_config  # noqa: E402
 from lowtune.model.load import load_weights  # noqa: E402
 from lowtune.model.lora import attach_lora  # noqa: E402
 from lowtune.recipe import align_special_tokens, prepare  # noqa: E402
@@ -33,6 +36,22 @@ def rss() -> float:
 
 def peak() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # kilobytes on Linux
+
+
+class StepTimes(TrainerCallback):
+    """Each step's seconds and the resident memory after it."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.rss_gib: list[float] = []
+        self.started = 0.0
+
+    def on_step_begin(self, *args, **kwargs) -> None:
+        self.started = time.perf_counter()
+
+    def on_step_end(self, *args, **kwargs) -> None:
+        self.seconds.append(round(time.perf_counter() - self.started, 1))
+        self.rss_gib.append(round(rss(), 3))
 
 
 def largest_first(sampler) -> None:
@@ -67,6 +86,8 @@ def main() -> None:
     model = attach_lora(model, config.lora, resolved.lora_targets, resolved.checkpointing)
     trainer = build_trainer(config, resolved, model, setup.tokenizer, setup.data.rows)
     largest_first(trainer.batch_sampler)
+    steps = StepTimes()
+    trainer.add_callback(steps)
     phases["adapters and trainer"] = rss()
     started = time.perf_counter()
     trainer.train()
@@ -80,6 +101,8 @@ def main() -> None:
         "largest_tokens": resolved.batching.largest,
         "steps": args.steps,
         "seconds": round(time.perf_counter() - started, 1),
+        "step_seconds": steps.seconds,
+        "step_rss_gib": steps.rss_gib,
     }
     print(json.dumps(record))
 

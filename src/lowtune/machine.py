@@ -1,9 +1,11 @@
 """What this machine can run, read from its own reports, once.
 
 The device (a CUDA GPU and its compute capability and memory, or the CPU), the CPU's native number formats (from the
-flags the CPU reports, and any cap the user put on oneDNN), which BLAS torch was built with, host memory, and which
-optional packages are installed. `train/resolve.py` makes every choice of a run from a `Machine`; nothing else asks
-torch or the OS what the hardware is. Tests describe fake machines with the constructor.
+flags the CPU reports, and any cap the user put on oneDNN), which BLAS torch was built with, host memory and the C
+library (and whether the user made its malloc return freed memory at once), and which optional packages are
+installed. `train/resolve.py` makes
+every choice of a run from a `Machine`; nothing else asks torch or the OS what the hardware is. Tests describe fake
+machines with the constructor.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +104,8 @@ class Machine:
     onednn: bool = True  # torch was built with oneDNN
     local_rank: int = 0  # this process's GPU among the host's (torchrun / accelerate)
     fsdp: bool = False  # launched by accelerate with an FSDP config (FSDP then places and shards the model)
+    libc: str = "glibc"  # the C library whose malloc holds host memory ("" where `platform` cannot tell)
+    malloc_returns: tuple[str, ...] = ()  # the user's glibc settings that return freed blocks at once (see below)
 
     @property
     def cuda(self) -> bool:
@@ -133,6 +138,8 @@ class Machine:
             onednn=torch.backends.mkldnn.is_available(),
             local_rank=local_rank,
             fsdp=os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"),
+            libc=platform.libc_ver()[0],
+            malloc_returns=malloc_return_settings(os.environ),
         )
 
 
@@ -178,3 +185,18 @@ def _cap_allows(cap: str | None, isa: str) -> bool:
 def cache_dir() -> Path:
     """Where lowtune keeps what it builds once per machine (the converted default model, encoded data sets)."""
     return Path(os.environ.get("LOWTUNE_CACHE", Path.home() / ".cache" / "lowtune"))
+
+
+# Fixed, either threshold turns off glibc's dynamic mmap threshold, so freed activations leave the process at once
+# (bench/NOTES.md, "glibc's allocator and the CPU plan"); other settings (arenas, ...) leave its heap keeping them.
+RETURNING_MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+RETURNING_MALLOC_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")
+
+
+def malloc_return_settings(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """The user's glibc malloc settings that make freed blocks go back to the OS at once: the mmap or trim threshold,
+    as a variable or a GLIBC_TUNABLES tunable."""
+    names = [name for name in RETURNING_MALLOC_VARIABLES if name in environ]
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    names += [name for name in RETURNING_MALLOC_TUNABLES if name + "=" in tunables]
+    return tuple(names)

@@ -15,7 +15,7 @@ from lowtune.bench.model import QWEN_7B_SHAPE
 from lowtune.config import RunConfig
 from lowtune.data.pack import padded_length
 from lowtune.errors import UserError
-from lowtune.machine import Cpu, Gpu, Machine, read_cpu
+from lowtune.machine import Cpu, Gpu, Machine, malloc_return_settings, read_cpu
 from lowtune.model.arch import PROJECTIONS, llama
 from lowtune.model.checkpointing import Checkpointing
 from lowtune.train.graphs import BUCKET
@@ -282,6 +282,28 @@ def test_the_log_has_one_line_per_choice(caplog):
     assert len(lines) == len(resolved.choices()) + len(resolved.warnings) + 1  # and the plan's peak
     assert any(line.startswith("precision: fp32 (the CPU has no native bf16") for line in lines)
     assert f"planned peak host memory {resolved.plan.total / GIB:.2f} GiB (CPU)" in lines
+
+
+def test_a_cpu_plan_counts_what_glibcs_heap_keeps_unless_the_user_set_malloc_or_the_libc_is_another():
+    short = [20] * 400  # 160 tokens a batch: the 7B shape's activations are blocks under 32 MiB
+    glibc = resolve(on=machine(EPYC_AVX2), lengths=short).plan
+    assert glibc.retained > 0 and glibc.freed.startswith("glibc's heap keeps 40% of the activations")
+    assert glibc.summary()["retained"] == round(glibc.retained / GIB, 3)
+    users = resolve(on=replace(machine(EPYC_AVX2), malloc_returns=("MALLOC_MMAP_THRESHOLD_",)), lengths=short).plan
+    assert users.retained == 0
+    assert users.freed == "assumed returned to the OS at once (MALLOC_MMAP_THRESHOLD_ set by the user)"
+    assert glibc.total - users.total == glibc.retained
+    musl = resolve(on=replace(machine(EPYC_AVX2), libc=""), lengths=short).plan
+    assert musl.retained == 0 and musl.freed.endswith("(not glibc)")
+    on_gpu = resolve(on=machine(gpu="H100")).plan
+    assert on_gpu.retained == 0 and on_gpu.freed == "" and "freed" not in on_gpu.summary()
+
+
+def test_only_the_users_mmap_or_trim_threshold_makes_glibc_return_freed_memory():
+    environ = {"MALLOC_ARENA_MAX": "2", "PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert malloc_return_settings(environ) == ()  # arenas and huge pages: the heap still keeps freed blocks
+    environ |= {"MALLOC_TRIM_THRESHOLD_": "1", "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}
+    assert malloc_return_settings(environ) == ("MALLOC_TRIM_THRESHOLD_", "glibc.malloc.mmap_threshold")
 
 
 # --- merged micro-batches -----------------------------------------------------------------------------------------

@@ -17,11 +17,20 @@ Counted from the model family's shape (`model/arch`) and the run's choices, part
 
 On the CPU the same parts are counted as the CPU holds them, in host memory: activations in the compute dtype (fp32
 where the CPU has no native bf16), SwiGLU's output kept beside gate and up (no liger-kernel), eager attention's
-probabilities (records x heads x length^2 per layer) and its keys and values repeated to every head, and the
-process itself (`HOST_BASELINE`: Python, torch, transformers, the tokenizer and the records). Measured on the
-default example (bench/cpu_memory.py, its largest batch of 8 x 512 tokens first): 8.28 GiB with glibc's allocator
-returning freed memory at once (MALLOC_MMAP_THRESHOLD_=1048576), 9.9-10.1 GiB with its default, which keeps freed
-blocks for reuse (and up to 13.3 GiB when the largest batch comes twice in a row); planned 7.83 GiB.
+probabilities (records x heads x length^2 per layer; in bf16 its fp32 softmax output too) and its keys and values
+repeated to every head, and the process itself (`HOST_BASELINE`: Python, torch, transformers, the tokenizer and the
+records).
+
+What is live is not all a CPU run holds: glibc's malloc, as it comes, raises its mmap threshold to 32 MiB as mmapped
+blocks are freed, and from then on keeps what is freed in blocks under it (the fp32 activations of 9-25 MB here) in
+its heap, fragmented, for reuse. The CPU plan counts that as `retained`: `GLIBC_HEAP_KEEPS` of the activations a
+layer keeps in such blocks (`RunShape.heap_bytes_per_token`), measured, not derived. Returning those blocks at once
+instead (a fixed threshold under them, MALLOC_MMAP_THRESHOLD_ or mallopt) costs 10-20% of a step in fp32 and 30-45%
+in bf16 here, so lowtune leaves glibc as it is. Measured on the default example in fp32 (bench/cpu_memory.py, its
+largest batch of 8 x 512 tokens first; bench/NOTES.md, issue 20): 9.38-9.90 GiB, the whole job 8.49 GiB; planned
+9.52 GiB (7.83 live, 1.69 kept). Where the user set glibc's mmap or trim threshold (MALLOC_MMAP_THRESHOLD_,
+MALLOC_TRIM_THRESHOLD_ or their GLIBC_TUNABLES) or the C library is another, the plan assumes freed memory returned
+at once, and says so (`freed`).
 """
 
 from __future__ import annotations
@@ -38,11 +47,19 @@ from lowtune.train.loss import chunk_peak_bytes
 
 GIB = 2**30
 BF16 = 2
+FP32 = 4
 PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 LAYER_INPUTS_IN_FLIGHT = 2  # offloaded: the input of the layer in its backward pass, and the next one's, prefetched
 # A CPU run's process before any weight: Python, torch 2.13 (CPU), transformers 5.25, the tokenizer and the bundled
 # records; measured resident 0.70 GiB (bench/cpu_memory.py, "records and tokenizer").
 HOST_BASELINE = int(0.70 * GIB)
+# glibc's malloc as it comes raises its mmap threshold up to 32 MiB as mmapped blocks are freed: from then on blocks
+# under it come from its heap, and the heap keeps what is freed there, fragmented, for reuse. Measured with the
+# default example's largest batch first (bench/NOTES.md, issue 20), the peak is above what is live by about this
+# share of the activations kept in such blocks (0.44 in fp32, 0.61 in bf16 at the median peaks; 0.40 keeps the
+# whole job, whose peak is lower, within 15% too).
+GLIBC_MMAP_CEILING = 32 * 2**20
+GLIBC_HEAP_KEEPS = 0.40
 
 
 @dataclass(frozen=True)
@@ -58,12 +75,16 @@ class MemoryPlan:
     host: float = 0.0  # pinned host memory that holds the offloaded layer inputs
     device: str = "cuda"  # "cpu": the plan is of host memory, the process included
     process: float = 0.0  # the process itself before any weight (CPU plans)
+    freed: str = ""  # what a CPU plan takes of the memory a step frees (train/resolve.py)
+    retained: float = 0.0  # what glibc's heap keeps of the freed activations (CPU plans, `GLIBC_HEAP_KEEPS`)
 
     @property
     def total(self) -> float:
         # The backward pass holds checkpoints and one layer's activations; the loss comes before it, on top of the
         # checkpoints only. The peak is the larger of the two phases.
-        return self.process + self.weights + self.adapters + self.checkpoints + max(self.activations, self.loss)
+        # What glibc's heap keeps builds up with the backward pass's frees, on top of its activations.
+        held = max(self.activations + self.retained, self.loss)
+        return self.process + self.weights + self.adapters + self.checkpoints + held
 
     @property
     def memory(self) -> str:
@@ -81,6 +102,9 @@ class MemoryPlan:
         table.add_row("gradient checkpointing", self.checkpointing.describe(self.layers))
         if self.host:
             table.add_row("layer inputs in pinned host memory", f"{self.host / GIB:.2f} GiB")
+        if self.freed:
+            table.add_row("kept by glibc's heap", f"{self.retained / GIB:.2f} GiB")
+            table.add_row("freed memory", self.freed)
         table.add_row("peak", f"{self.total / GIB:.2f} GiB")
         return table
 
@@ -89,7 +113,9 @@ class MemoryPlan:
         parts = {name: round(getattr(self, name) / GIB, 3) for name in ("weights", "adapters", "checkpoints")}
         parts |= {"activations": round(self.activations / GIB, 3), "loss": round(self.loss / GIB, 3)}
         parts |= {"host": round(self.host / GIB, 3), "peak": round(self.total / GIB, 3), "tokens": self.tokens}
-        return parts | ({"device": "cpu", "process": round(self.process / GIB, 3)} if self.device == "cpu" else {})
+        cpu = {"device": "cpu", "process": round(self.process / GIB, 3), "retained": round(self.retained / GIB, 3)}
+        cpu["freed"] = self.freed
+        return parts | (cpu if self.device == "cpu" else {})
 
 
 @dataclass(frozen=True)
@@ -110,6 +136,7 @@ class RunShape:
     dense_copy_bytes: int = 0  # the cached dense base weights (GroupKernels.dequantize_once)
     remake_down: bool = True  # the fused MLP makes down's input again in the backward pass (GroupKernels)
     device: str = "cuda"  # "cpu": host memory, as the CPU holds the run (see the module docstring)
+    glibc_heap: bool = False  # a CPU run's freed memory goes to glibc's malloc as it comes (`GLIBC_HEAP_KEEPS`)
     row_length: int = 0  # the longest row of the largest micro-batch (eager attention's probabilities grow with it)
     attention: str = "sdpa"
 
@@ -127,8 +154,8 @@ class RunShape:
         # gate, up) at once, on top of what the layers keep: with it the plan is within 0.5% of the peak measured on
         # a 7B shape at 16k tokens, with and without checkpointing (bench/NOTES.md).
         backward_bytes = 3 * shape.intermediate * width * tokens
-        if on_cpu and self.attention == "eager":  # the probabilities' gradient and the scores' it makes
-            backward_bytes += 2 * shape.heads * self.row_length * width * tokens
+        if on_cpu and self.attention == "eager":  # the probabilities' gradient and the scores' it makes, in fp32
+            backward_bytes += 2 * shape.heads * self.row_length * FP32 * tokens
         layer_input = tokens * shape.hidden * BF16
         checkpointed = checkpointing.checkpointed(shape.layers)
         on_gpu = checkpointed if checkpointing.mode == "on" else min(checkpointed, LAYER_INPUTS_IN_FLIGHT)
@@ -152,7 +179,24 @@ class RunShape:
             host=checkpointed * layer_input if checkpointing.mode == "offload" else 0.0,
             device="cpu" if on_cpu else "cuda",
             process=HOST_BASELINE if on_cpu else 0.0,
+            retained=GLIBC_HEAP_KEEPS * layers_alive * self.heap_bytes_per_token(per_token, width) * tokens
+            if on_cpu and self.glibc_heap
+            else 0.0,
         )
+
+    def heap_bytes_per_token(self, per_token: float, width: int) -> float:
+        """Of what a layer keeps per token, the bytes in blocks glibc's heap holds (under `GLIBC_MMAP_CEILING`):
+        none where even an intermediate-wide activation is above it (the layer's blocks are then mmapped, returned
+        when freed), and not eager attention's probabilities where each layer's is above it."""
+        shape, tokens = self.shape, self.tokens
+        if tokens * shape.intermediate * width >= GLIBC_MMAP_CEILING:
+            return 0.0
+        if self.attention != "eager":
+            return per_token
+        probabilities = (FP32, width) if width != FP32 else (FP32,)  # the fp32 softmax output and its cast
+        per_probability = shape.heads * self.row_length
+        mmapped = sum(b for b in probabilities if tokens * per_probability * b >= GLIBC_MMAP_CEILING)
+        return per_token - per_probability * mmapped
 
 
 @dataclass(frozen=True)
@@ -234,8 +278,12 @@ def saved_bytes_per_token(shape: Shape, dropout: float, fused: bool, remake_down
 
 def eager_bytes_per_token(shape: Shape, row_length: int, width: int) -> float:
     """What eager attention keeps per token and layer beyond flash attention's q, k, v: the softmax's output (one
-    probability per head and key of the row) and the keys and values repeated to every query head."""
-    probabilities = shape.heads * row_length * width
+    probability per head and key of the row) and the keys and values repeated to every query head.
+
+    transformers' eager attention computes the softmax in fp32, which keeps its fp32 output for its backward, and
+    casts it to the compute dtype for the product with the values, which keeps that cast: in bf16 both are kept (6
+    bytes a probability; on the default example 2.26 GiB the plan lacked, bench/NOTES.md), in fp32 they are one."""
+    probabilities = shape.heads * row_length * (FP32 + (width if width != FP32 else 0))
     repeated = 2 * (shape.q_width - shape.kv_width) * width
     return probabilities + repeated
 

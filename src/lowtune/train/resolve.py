@@ -35,6 +35,7 @@ from lowtune.model.load import Loading
 from lowtune.train.graphs import BUCKET as GRAPH_BUCKET
 from lowtune.train.memory import (
     GIB,
+    GLIBC_HEAP_KEEPS,
     PRECISION_BYTES,
     MemoryPlan,
     RunShape,
@@ -386,6 +387,7 @@ def resolve_run(
             loss=loss,
             dense_copy_bytes=_dense_copy_bytes(shape, compute) if base_weights == "cached" else 0,
             device=device if on_gpu else "cpu",
+            glibc_heap=not on_gpu and _glibc_heap(machine),
             row_length=max(lengths),
             attention=attention,
         )
@@ -405,6 +407,8 @@ def resolve_run(
     remake_down = True
     if fused and run_shape is not None:
         remake_down, plan = _down_input(checkpointing, plan, machine, on_gpu, run_shape, decisions)
+    if plan is not None and not on_gpu:
+        plan = replace(plan, freed=_freed_text(machine))
     if graphs or preference:
         liger = tuple(part for part in liger if part != "fused_linear_cross_entropy")
     decisions.raise_problems()
@@ -808,6 +812,20 @@ def _down_input(
         f"{plan.total / GIB:.1f} GiB",
     )
     return True, plan
+
+
+def _glibc_heap(machine: Machine) -> bool:
+    """Whether a CPU run's freed memory goes to glibc's malloc as it comes (which keeps blocks in its heap): the
+    plan then counts what it keeps (`RunShape.glibc_heap`)."""
+    return machine.libc == "glibc" and not machine.malloc_returns
+
+
+def _freed_text(machine: Machine) -> str:
+    """What a CPU plan takes of the host memory a step frees."""
+    if _glibc_heap(machine):
+        return f"glibc's heap keeps {GLIBC_HEAP_KEEPS:.0%} of the activations in blocks under 32 MiB (counted)"
+    why = f"{', '.join(machine.malloc_returns)} set by the user" if machine.libc == "glibc" else "not glibc"
+    return f"assumed returned to the OS at once ({why})"
 
 
 def _device_map_text(device_map: Any) -> str:
