@@ -124,8 +124,23 @@ def test_what_cannot_be_written_is_refused_with_the_way_to_get_it(tiny_run, tmp_
     assert (tmp_path / "there.gguf").read_bytes() == b"kept"
 
 
-def llama_cpp_model(path: Path) -> llama_cpp.Llama:
-    return llama_cpp.Llama(str(path), n_ctx=1024, verbose=False)
+def llama_cpp_model(path: Path, **options) -> llama_cpp.Llama:
+    """llama.cpp's model of `path`, without its extra CPU buffer types (weights repacked for a kernel): on CPUs with
+    AMX, llama-cpp-python 0.3.36 built natively repacks q8_0 weights for AMX, whose matrix product segfaults
+    (llama.cpp issue 20824); what is tested here is lowtune's file, not that kernel. Llama() takes no such option,
+    so its default model parameters are replaced while it loads."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=1024, verbose=False, **options)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
 
 
 def llama_cpp_greedy(model: llama_cpp.Llama, ids: list[int], stop: list[int], limit: int = 20) -> list[int]:
@@ -187,12 +202,7 @@ def test_the_embedded_smollm2_after_training_answers_in_llama_cpp_as_in_transfor
     f16 = llama_cpp_model(export_gguf(tmp_path / "smol-f16.gguf", "f16", adapter=smollm_run))
     for ids, answer in zip(prompts, answers, strict=True):
         assert llama_cpp_greedy(f16, ids, chat_format.stop_token_ids) == answer
-    q8 = llama_cpp.Llama(
-        str(export_gguf(tmp_path / "smol-q8_0.gguf", "q8_0", adapter=smollm_run)),
-        n_ctx=1024,
-        verbose=False,
-        logits_all=True,
-    )
+    q8 = llama_cpp_model(export_gguf(tmp_path / "smol-q8_0.gguf", "q8_0", adapter=smollm_run), logits_all=True)
     same = total = 0
     for ids, answer in zip(prompts, answers, strict=True):  # teacher-forced along the transformers answer
         q8.reset()
