@@ -3,9 +3,8 @@
 The device (a CUDA GPU and its compute capability and memory, or the CPU), the CPU's native number formats (from the
 flags the CPU reports, and any cap the user put on oneDNN), which BLAS torch was built with, host memory and the C
 library (and whether the user made its malloc return freed memory at once), and which optional packages are
-installed. `train/resolve.py` makes
-every choice of a run from a `Machine`; nothing else asks torch or the OS what the hardware is. Tests describe fake
-machines with the constructor.
+installed. `train/resolve.py` makes every choice of a run from a `Machine`; nothing else asks torch or the OS what the
+hardware is. Tests describe fake machines with the constructor.
 """
 
 from __future__ import annotations

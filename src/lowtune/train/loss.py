@@ -211,9 +211,9 @@ def sequence_log_probs(
     else:  # the boolean selection syncs with the GPU
         owners, counted, rows, picked_targets = sequence_ids[:, 1:][keep], None, hidden[:, :-1][keep], targets[keep]
     picked = ChunkedLinearLogProbs.apply(rows, weight, picked_targets, onednn, masked)  # (N,)
-    ones = torch.ones_like(picked) if counted is None else counted.to(picked.dtype)
-    logps = picked.new_zeros(sequences).index_add(0, owners, picked * ones)
-    tokens = picked.new_zeros(sequences).index_add(0, owners, ones)
+    weights = torch.ones_like(picked) if counted is None else counted.to(picked.dtype)  # 1 a labelled position
+    logps = picked.new_zeros(sequences).index_add(0, owners, picked * weights)
+    tokens = picked.new_zeros(sequences).index_add(0, owners, weights)
     return SequenceLogProbs(logps=logps, tokens=tokens)
 
 

@@ -36,6 +36,7 @@ from lowtune.train.graphs import BUCKET as GRAPH_BUCKET
 from lowtune.train.memory import (
     GIB,
     GLIBC_HEAP_KEEPS,
+    GLIBC_MMAP_CEILING,
     PRECISION_BYTES,
     MemoryPlan,
     RunShape,
@@ -823,7 +824,8 @@ def _glibc_heap(machine: Machine) -> bool:
 def _freed_text(machine: Machine) -> str:
     """What a CPU plan takes of the host memory a step frees."""
     if _glibc_heap(machine):
-        return f"glibc's heap keeps {GLIBC_HEAP_KEEPS:.0%} of the activations in blocks under 32 MiB (counted)"
+        ceiling = GLIBC_MMAP_CEILING // 2**20
+        return f"glibc's heap keeps {GLIBC_HEAP_KEEPS:.0%} of the activations in blocks under {ceiling} MiB (counted)"
     why = f"{', '.join(machine.malloc_returns)} set by the user" if machine.libc == "glibc" else "not glibc"
     return f"assumed returned to the OS at once ({why})"
 
